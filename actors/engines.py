@@ -1,0 +1,121 @@
+"""Generation engines behind one small interface: vLLM (production) and HF transformers (fallback).
+
+Both take prompt token ids and return, per prompt, n samples of
+(completion token ids, per-token sampler logprobs, finish reason). Both load
+new weights in place from (HF name, tensor) pairs, never by restarting.
+This is the only module that imports vLLM.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass
+class Sample:
+    token_ids: list[int]  # (C,) completion ids, EOS included when the model stopped
+    logprobs: list[float]  # (C,) log p of each sampled id under the unmodified distribution
+    finish_reason: str  # "stop" or "length"
+
+
+class Engine(Protocol):
+    def generate(self, prompts: list[list[int]], n: int, temperature: float, top_p: float, max_tokens: int) -> list[list[Sample]]: ...
+
+    def load_weights(self, named_tensors: list[tuple[str, object]]) -> None: ...
+
+
+class VLLMEngine:
+    """An in-process vLLM engine (V1 multiprocessing off: one process, fast start, in-place reload)."""
+
+    def __init__(self, model_path: str, dtype: str, seed: int, kv_cache_gib: float, max_model_len: int, gpu: bool, enforce_eager: bool):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if not gpu:
+            # vLLM otherwise sizes its cache from NUMA node 0's free memory and refuses on small VMs.
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(kv_cache_gib))))
+        from vllm import LLM
+
+        self.llm = LLM(
+            model=model_path,
+            dtype=dtype,
+            seed=seed,
+            max_model_len=max_model_len,
+            enable_prefix_caching=True,
+            disable_log_stats=True,
+            enforce_eager=enforce_eager,
+        )
+
+    def generate(self, prompts, n, temperature, top_p, max_tokens):
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(n=n, temperature=temperature, top_p=top_p if temperature > 0 else 1.0, max_tokens=max_tokens, logprobs=0)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        result = []
+        for out in outputs:
+            samples = []
+            for comp in out.outputs:
+                ids = list(comp.token_ids)
+                lps = [float(step[tok].logprob) for tok, step in zip(ids, comp.logprobs)]
+                samples.append(Sample(ids, lps, "stop" if comp.finish_reason == "stop" else "length"))
+            result.append(samples)
+        return result
+
+    def load_weights(self, named_tensors):
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
+        # Prefix caching would otherwise serve KV computed under the old weights.
+        self.llm.reset_prefix_cache()
+
+
+class HFEngine:
+    """transformers.generate: slower, but runs any causal LM on any device."""
+
+    def __init__(self, model_path: str, dtype: str, seed: int, gpu: bool):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        torch.manual_seed(seed)
+
+    def generate(self, prompts, n, temperature, top_p, max_tokens):
+        torch = self.torch
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos])
+        rows = [p for p in prompts for _ in range(n)]
+        width = max(len(p) for p in rows)
+        ids = torch.full((len(rows), width), pad, device=self.device)
+        mask = torch.zeros_like(ids)
+        for r, p in enumerate(rows):  # left padding so every row continues from its last column
+            ids[r, width - len(p):] = torch.tensor(p)
+            mask[r, width - len(p):] = 1
+        sample = temperature > 0
+        with torch.no_grad():
+            out = self.model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=sample,
+                temperature=temperature if sample else None, top_p=top_p if sample else None, top_k=None,
+                pad_token_id=pad, output_logits=True, return_dict_in_generate=True,
+            )
+        new = out.sequences[:, width:]
+        logps = torch.stack(out.logits, dim=1).float().log_softmax(-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        result = []
+        for r in range(len(rows)):
+            toks = new[r].tolist()
+            stop = next((k for k, t in enumerate(toks) if t in eos_ids), None)
+            end = len(toks) if stop is None else stop + 1
+            reason = "stop" if stop is not None else "length"
+            if r % n == 0:
+                result.append([])
+            result[-1].append(Sample(toks[:end], logps[r, :end].tolist(), reason))
+        return result
+
+    def load_weights(self, named_tensors):
+        state = dict(named_tensors)
+        with self.torch.no_grad():
+            for name, param in self.model.named_parameters():
+                if name in state:
+                    param.copy_(state[name].to(param.device, param.dtype))

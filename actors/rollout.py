@@ -1,0 +1,81 @@
+"""The rollout worker a rollout actor hosts: prompts in, groups of parsed traces out.
+
+It formats each prompt (plain for the tiny model, the chat template for an
+instruct model), samples n completions with its engine, parses thought and
+answer, and stamps every trace with the policy version of the weights it holds.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+
+from scratchpad.actors.formatting import chat_prompt, parse_completion, plain_prompt
+from scratchpad.cluster.config import ExperimentConfig
+from scratchpad.cluster.records import Group, Prompt, Trace
+
+
+class RolloutWorker:
+    def __init__(self, cfg: ExperimentConfig, model_path: str, index: int = 0):
+        import torch
+        from transformers import AutoTokenizer
+
+        torch.set_num_threads(cfg.run.threads_per_actor)
+        self.cfg = cfg
+        self.index = index
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.chat = getattr(self.tokenizer, "chat_template", None) is not None
+        self.version = 0
+        seed = cfg.rollout.seed + index
+        gpu = cfg.rollout.gpus_per_engine > 0
+        if cfg.rollout.engine == "vllm":
+            from scratchpad.actors.engines import VLLMEngine
+
+            max_len = self._max_model_len(model_path)
+            self.engine = VLLMEngine(model_path, cfg.model.dtype, seed, cfg.rollout.kv_cache_gib, max_len, gpu, cfg.rollout.enforce_eager)
+        else:
+            from scratchpad.actors.engines import HFEngine
+
+            self.engine = HFEngine(model_path, cfg.model.dtype, seed, gpu)
+
+    def _max_model_len(self, model_path: str) -> int:
+        from transformers import AutoConfig
+
+        limit = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", 4096)
+        return min(limit, 4096)
+
+    def format(self, prompt: Prompt) -> str:
+        if self.chat:
+            return chat_prompt(self.tokenizer, prompt.text, self.cfg.task.mode)
+        return plain_prompt(prompt.text)
+
+    def generate(self, prompts: list[Prompt], greedy: bool = False) -> list[Group]:
+        """n sampled completions per prompt (1 greedy completion when greedy)."""
+        texts = [self.format(p) for p in prompts]
+        # Chat templates already hold BOS; the tiny tokenizer adds it. Never both.
+        ids = [self.tokenizer(t, add_special_tokens=not self.chat)["input_ids"] for t in texts]
+        r = self.cfg.rollout
+        n = 1 if greedy else r.n
+        samples = self.engine.generate(ids, n, 0.0 if greedy else r.temperature, r.top_p, r.max_new_tokens)
+        now = time.time()
+        groups = []
+        for prompt, text, prompt_ids, group_samples in zip(prompts, texts, ids, samples):
+            group_id = f"{prompt.prompt_id}/{uuid.uuid4().hex[:12]}"
+            traces = []
+            for k, s in enumerate(group_samples):
+                completion = self.tokenizer.decode(s.token_ids, skip_special_tokens=True)
+                thought, answer, closed = parse_completion(completion)
+                traces.append(Trace(
+                    trace_id=f"{group_id}:{k}", group_id=group_id, prompt_id=prompt.prompt_id, prompt=text,
+                    prompt_ids=prompt_ids, completion=completion, completion_ids=s.token_ids, logprobs=s.logprobs,
+                    finish_reason=s.finish_reason, policy_version=self.version, reference=prompt.answer,
+                    thought=thought, answer=answer, closed=closed, meta=prompt.meta,
+                ))
+            groups.append(Group(group_id=group_id, prompt_id=prompt.prompt_id, policy_version=self.version, traces=traces, created_at=now))
+        return groups
+
+    def update_weights(self, published: tuple[int, list]) -> int:
+        """Load (policy_version, [(name, tensor)]) into the running engine; returns the version now held."""
+        version, named_tensors = published
+        self.engine.load_weights(named_tensors)
+        self.version = version
+        return self.version

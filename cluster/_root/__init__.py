@@ -1,0 +1,1 @@
+"""scratchpad: teach language models to think before they answer, by RL from verifiers."""

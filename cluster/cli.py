@@ -1,0 +1,102 @@
+"""The `scratchpad` command line. A user's mistake gets one line and exit code 2; a bug its traceback."""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from scratchpad.cluster.config import ConfigError, dump_config, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scratchpad", description="Teach a language model to think before it answers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="run an experiment locally (or on the Ray cluster in run.ray_address)")
+    train.add_argument("config", help="YAML experiment, e.g. configs/quickstart.yaml")
+    train.add_argument("overrides", nargs="*", help="key.sub=value settings that override the YAML")
+    train.add_argument("--run-dir", help="where outputs go (default runs/<name>-<time>)")
+    train.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    make = sub.add_parser("make-model", help="build (or find cached) the tiny model a config names; prints its path")
+    make.add_argument("config", nargs="?", help="YAML experiment (default: built-in defaults)")
+    make.add_argument("overrides", nargs="*", help="key.sub=value settings that override the YAML")
+    make.add_argument("--force", action="store_true", help="rebuild even if cached")
+    status = sub.add_parser("status", help="print a run's summary and buffer counters")
+    status.add_argument("run_dir")
+    return parser
+
+
+def _terminate_as_interrupt(signum, frame):
+    """SIGTERM (as `ray job stop` sends) unwinds like Ctrl-C, so every started process is stopped."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may come after options (`train CFG --run-dir D a.b=1`), which argparse leaves over.
+    if extra and (not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    try:
+        if args.command == "train":
+            return _train(args)
+        if args.command == "make-model":
+            from scratchpad.cluster.make_model import make_model
+
+            cfg = load_config(args.config, args.overrides)
+            if cfg.model.path:
+                raise ConfigError(f"model.path is set ({cfg.model.path}); make-model builds only the tiny model")
+            print(make_model(cfg, force=args.force))
+            return 0
+        if args.command == "status":
+            return _status(Path(args.run_dir))
+    except ConfigError as err:
+        print(f"scratchpad: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("scratchpad: interrupted; every process this run started has been stopped", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _train(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        print(dump_config(cfg), end="")
+        return 0
+    run_dir = Path(args.run_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--run-dir {run_dir}: exists and is not a directory")
+    if (run_dir / "summary.json").exists():
+        raise ConfigError(f"--run-dir {run_dir}: holds a finished run; choose a new directory")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    from scratchpad.cluster.train import train
+
+    summary = train(cfg, run_dir)
+    print(
+        f"done in {summary['wall_seconds']:.0f}s: held-out accuracy {summary['accuracy_before']:.3f} -> "
+        f"{summary['accuracy_after']:.3f}; outputs in {run_dir}"
+    )
+    return 0
+
+
+def _status(run_dir: Path) -> int:
+    import json
+
+    summary = run_dir / "summary.json"
+    if not summary.exists():
+        raise ConfigError(f"{run_dir}: no summary.json (not a finished run directory)")
+    data = json.loads(summary.read_text())
+    for key in ("accuracy_before", "accuracy_after", "steps", "groups_produced", "groups_trained", "groups_dropped",
+                "groups_in_flight", "invariant_holds", "wall_seconds"):
+        print(f"{key}: {data.get(key)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""Build the tiny policy offline: a character-level tokenizer, a real LlamaForCausalLM, a short warm start.
+
+Tests and the quickstart cannot download weights, so the project makes its own
+Hugging Face-format model. The warm start is a brief supervised run on worked
+chain-of-thought examples: enough that RL starts from a policy that sometimes
+succeeds, not so much that there is nothing left to learn. Results are cached
+by a hash of everything that shapes them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import string
+import tempfile
+import time
+from pathlib import Path
+
+from scratchpad.actors.formatting import plain_prompt, target_completion
+from scratchpad.actors.tasks import GENERATORS, worked_thought
+from scratchpad.cluster.config import ExperimentConfig
+
+BUILD_VERSION = 1  # bump when the builder's output changes for the same config
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+CHARS = string.digits + string.ascii_letters + " \n" + "=[],:+-*/<>()?.!'\"_;#|{}^%$&@~`\\"
+
+
+def cache_root(cfg: ExperimentConfig) -> Path:
+    root = cfg.model.cache_dir or os.environ.get("SCRATCHPAD_CACHE") or Path.home() / ".cache" / "scratchpad"
+    return Path(root) / "models"
+
+
+def model_key(cfg: ExperimentConfig) -> str:
+    """Everything that shapes the built model, hashed."""
+    shape = {
+        "build": BUILD_VERSION,
+        "tiny": cfg.model.tiny.model_dump(),
+        "task": cfg.task.name,
+        "mode": cfg.task.mode,
+        "min_len": cfg.task.min_len,
+        "max_len": cfg.task.max_len,
+    }
+    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_tokenizer():
+    """Character-level fast tokenizer: one id per character, BOS prepended, characters fused on decode."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + list(CHARS))}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(".|\n"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def build_random_model(cfg: ExperimentConfig, tokenizer):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tiny = cfg.model.tiny
+    torch.manual_seed(tiny.seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),  # equal to the tokenizer's size, or vLLM samples ids that decode to nothing
+        hidden_size=tiny.hidden_size,
+        intermediate_size=tiny.intermediate_size,
+        num_hidden_layers=tiny.num_layers,
+        num_attention_heads=tiny.num_heads,
+        num_key_value_heads=tiny.num_heads,
+        max_position_embeddings=tiny.max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    return LlamaForCausalLM(config)
+
+
+def warm_start(cfg: ExperimentConfig, model, tokenizer, log=print) -> list[float]:
+    """Supervised steps on worked scratchpads; loss on completion tokens only. Returns the loss curve."""
+    import torch
+
+    tiny = cfg.model.tiny
+    rng = random.Random(tiny.seed + 17)
+    make = GENERATORS[cfg.task.name]
+    optim = torch.optim.AdamW(model.parameters(), lr=tiny.warmstart_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: 1.0 - s / max(1, tiny.warmstart_steps))
+    model.train()
+    losses = []
+    for step in range(tiny.warmstart_steps):
+        rows = []
+        for _ in range(tiny.warmstart_batch):
+            question, answer, _ = make(rng, cfg.task.min_len, cfg.task.max_len)
+            prompt_ids = tokenizer(plain_prompt(question))["input_ids"]
+            done = target_completion(cfg.task.mode, worked_thought(cfg.task.name, question), answer)
+            completion_ids = tokenizer(done, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            rows.append((prompt_ids, completion_ids))
+        width = max(len(p) + len(c) for p, c in rows)
+        ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+        labels = torch.full((len(rows), width), -100)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, (p, c) in enumerate(rows):
+            seq = p + c
+            ids[r, : len(seq)] = torch.tensor(seq)
+            labels[r, len(p) : len(seq)] = torch.tensor(c)
+            mask[r, : len(seq)] = 1
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optim.step()
+        sched.step()
+        optim.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        if step % 25 == 0 or step == tiny.warmstart_steps - 1:
+            log(f"warm start step {step + 1}/{tiny.warmstart_steps} loss {loss.item():.3f}")
+    model.eval()
+    return losses
+
+
+def make_model(cfg: ExperimentConfig, force: bool = False, log=print) -> Path:
+    """Return the directory of the tiny model for this config, building it once if not cached."""
+    import torch
+
+    target = cache_root(cfg) / model_key(cfg)
+    if (target / "build.json").exists() and not force:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    torch.manual_seed(cfg.model.tiny.seed)
+    tokenizer = build_tokenizer()
+    model = build_random_model(cfg, tokenizer)
+    log(f"building tiny model ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) into {target}")
+    losses = warm_start(cfg, model, tokenizer, log)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    info = {
+        "key": model_key(cfg),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "warmstart_steps": cfg.model.tiny.warmstart_steps,
+        "final_loss": losses[-1] if losses else None,
+        "seconds": round(time.time() - started, 1),
+    }
+    (tmp / "build.json").write_text(json.dumps(info, indent=2))
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)  # atomic: a half-built model is never mistaken for a cached one
+    return target
+
+
+def resolve_model(cfg: ExperimentConfig, log=print) -> str:
+    """The checkpoint the run trains: the configured path or hub id, else the cached tiny model."""
+    if cfg.model.path:
+        return cfg.model.path
+    return str(make_model(cfg, log=log))

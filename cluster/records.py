@@ -1,0 +1,83 @@
+"""The records that cross process boundaries, and their msgpack encoding.
+
+Everything that travels between rollout actors, reward actors, the Redis buffer
+and the learner is one of these structs. They are plain data (no tensors, never
+pickle) so a Redis entry written by one version of the code can be read and
+validated by another; `decode_group` rejects anything malformed.
+"""
+from __future__ import annotations
+
+import msgspec
+
+
+class Prompt(msgspec.Struct, frozen=True):
+    """One task instance, before sampling."""
+
+    prompt_id: str  # stable id: task name + seed + index, unique within a run
+    text: str  # what the model is conditioned on, already formatted for its mode
+    answer: str  # reference answer the checkers compare against
+    meta: dict = {}  # task details for metrics, e.g. {"length": 7}
+
+
+class Trace(msgspec.Struct):
+    """One sampled completion of one prompt, then its score."""
+
+    trace_id: str  # group_id + ":" + index within the group
+    group_id: str  # the group this trace belongs to
+    prompt_id: str
+    prompt: str  # prompt text as the model saw it
+    prompt_ids: list[int]  # (P,) prompt token ids, BOS included
+    completion: str  # decoded completion text, EOS excluded
+    completion_ids: list[int]  # (C,) sampled token ids, EOS included when the model stopped
+    logprobs: list[float]  # (C,) sampler's log p(token) for each completion id, at temperature 1
+    finish_reason: str  # "stop" (EOS) or "length" (hit max_new_tokens)
+    policy_version: int  # weights version that sampled this trace
+    reference: str  # reference answer from the prompt
+    thought: str | None = None  # text inside <think>..</think>, None if absent; never scored
+    answer: str | None = None  # text inside <answer>..</answer>, None if absent
+    closed: bool = False  # the completion ends right after </answer> (whitespace aside)
+    meta: dict = {}  # copied from the prompt
+    reward: float | None = None  # total scalar reward, set by a reward actor
+    components: dict[str, float] = {}  # named parts of the reward before weighting
+    status: str | None = None  # "ok", "timeout", "error" or "unparsable" once scored
+    error: str | None = None  # scorer's message when status is not ok
+
+
+class Group(msgspec.Struct):
+    """The n traces of one prompt. One stream entry per group: group-relative advantages never see half a group."""
+
+    group_id: str  # unique per sampling of a prompt: run-wide counter based
+    prompt_id: str
+    policy_version: int  # weights version that sampled every trace of the group
+    traces: list[Trace]
+    created_at: float = 0.0  # unix seconds when sampling finished
+
+
+_encoder = msgspec.msgpack.Encoder()
+_group_decoder = msgspec.msgpack.Decoder(Group)
+
+
+def encode_group(group: Group) -> bytes:
+    return _encoder.encode(group)
+
+
+def decode_group(payload: bytes) -> Group:
+    """Decode and validate a group; raises ValueError with the reason when the payload is malformed."""
+    try:
+        group = _group_decoder.decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ValueError(f"undecodable group: {exc}") from None
+    if not group.traces:
+        raise ValueError("group has no traces")
+    for trace in group.traces:
+        if len(trace.completion_ids) != len(trace.logprobs):
+            raise ValueError(f"trace {trace.trace_id}: {len(trace.completion_ids)} completion ids but {len(trace.logprobs)} logprobs")
+        if not trace.prompt_ids:
+            raise ValueError(f"trace {trace.trace_id}: empty prompt_ids")
+        if trace.group_id != group.group_id:
+            raise ValueError(f"trace {trace.trace_id}: group_id {trace.group_id} does not match {group.group_id}")
+    return group
+
+
+def to_jsonable(obj: msgspec.Struct) -> dict:
+    return msgspec.to_builtins(obj)

@@ -1,0 +1,122 @@
+"""Starting and stopping a run's processes: Redis, Ray, and the rollout, reward and learner actors.
+
+`Cluster` owns everything it starts and stops exactly that, in reverse order,
+also after Ctrl-C or SIGTERM: no redis-server, Ray or vLLM process outlives it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import uuid
+from pathlib import Path
+
+import ray
+
+from scratchpad.cluster.buffer import BufferAddress, EmbeddedRedis, RedisBuffer
+from scratchpad.cluster.config import ExperimentConfig
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def actor_env(cfg: ExperimentConfig) -> dict[str, str]:
+    """Environment for every actor: thread counts that fit the reserved CPUs, vLLM's in-process engine."""
+    threads = str(cfg.run.threads_per_actor)
+    return {
+        "OMP_NUM_THREADS": threads,
+        "MKL_NUM_THREADS": threads,
+        "TOKENIZERS_PARALLELISM": "false",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_KVCACHE_SPACE": str(max(1, int(cfg.rollout.kv_cache_gib))),
+        "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"),
+        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+        "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu" if cfg.learner.num_gpus == 0 else "cuda"),
+        "PYTHONWARNINGS": "ignore",
+    }
+
+
+def run_identity(run_dir: Path, name: str) -> dict:
+    """A run's stable identity (key prefix), kept in run.json so a resumed run finds its buffer again."""
+    path = run_dir / "run.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    ident = {"run_id": f"{name}-{uuid.uuid4().hex[:8]}"}
+    ident["prefix"] = f"sp:{ident['run_id']}:"
+    path.write_text(json.dumps(ident, indent=2))
+    return ident
+
+
+class Cluster:
+    """The run's processes. Use as a context manager; everything started is stopped on exit."""
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path, model_path: str):
+        self.cfg, self.run_dir, self.model_path = cfg, run_dir, model_path
+        self.redis: EmbeddedRedis | None = None
+        self.started_ray = False
+        self.actors: list = []
+
+    def __enter__(self) -> "Cluster":
+        try:
+            self._start()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _start(self) -> None:
+        cfg = self.cfg
+        ident = run_identity(self.run_dir, cfg.name)
+        url = cfg.buffer.redis_url
+        if url is None:
+            self.redis = EmbeddedRedis(self.run_dir / "redis", cfg.buffer.appendfsync).start()
+            url = self.redis.url
+        self.address = BufferAddress(url=url, prefix=ident["prefix"], maxlen=cfg.buffer.maxlen)
+        self.buffer = RedisBuffer(self.address)
+        self.buffer.ensure_group()
+        if not ray.is_initialized():
+            if cfg.run.ray_address:
+                ray.init(address=cfg.run.ray_address, log_to_driver=True)
+            else:
+                ray.init(address="local", num_cpus=cfg.run.num_cpus, include_dashboard=False, log_to_driver=True)
+                self.started_ray = True
+        self._start_actors()
+
+    def _start_actors(self) -> None:
+        from scratchpad.actors.rollout import RolloutWorker
+        from scratchpad.learner.learner import Learner
+        from scratchpad.rewards.scoring import RewardWorker
+
+        cfg, env = self.cfg, {"env_vars": actor_env(self.cfg)}
+        rollout_cls = ray.remote(RolloutWorker)
+        self.rollouts = [
+            rollout_cls.options(num_cpus=cfg.rollout.cpus_per_engine, num_gpus=cfg.rollout.gpus_per_engine, runtime_env=env,
+                                name=None).remote(cfg, self.model_path, i)
+            for i in range(cfg.rollout.num_engines)
+        ]
+        self.rewarders = [
+            ray.remote(RewardWorker).options(num_cpus=0, runtime_env=env).remote(cfg.reward, self.address)
+            for _ in range(cfg.reward.num_actors)
+        ]
+        self.learner = ray.remote(Learner).options(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus, runtime_env=env).remote(
+            cfg, self.model_path, self.address, 0, 1, _free_port()
+        )
+        self.actors = [*self.rollouts, *self.rewarders, self.learner]
+        ray.get([a.__ray_ready__.remote() for a in self.actors])
+
+    def __exit__(self, *exc) -> None:
+        for actor in self.actors:
+            try:
+                ray.kill(actor)
+            except Exception:  # already dead: nothing left to stop
+                pass
+        self.actors = []
+        if self.started_ray:
+            ray.shutdown()
+            self.started_ray = False
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None

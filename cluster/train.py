@@ -1,0 +1,140 @@
+"""`scratchpad train`: the main loop, as a recipe of named, timed phases.
+
+Each step: produce (rollout actors sample groups -> reward actors score and XADD
+them) until the learner's batch is full -> train (one DeepSpeed step, ack) ->
+sync (rollout actors load the new weights in place). Evaluation is greedy on a
+held-out set, before, every `eval_every` steps, and after.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+
+import ray
+
+from scratchpad.actors.tasks import eval_set, train_stream
+from scratchpad.cluster.config import ExperimentConfig, dump_config
+from scratchpad.cluster.make_model import resolve_model
+from scratchpad.cluster.report import write_outputs
+from scratchpad.cluster.run import Cluster
+
+
+class Timer:
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def phase(self, name: str):
+        started = time.time()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.time() - started
+
+
+def _split(items: list, parts: int) -> list[list]:
+    return [items[i::parts] for i in range(parts)]
+
+
+def produce(cluster: Cluster, prompts: list, timer: Timer, samples: int) -> dict:
+    """Sample groups for `prompts` on every engine; reward actors score them and push them to Redis."""
+    with timer.phase("generate"):
+        gen = [r.generate.remote(chunk) for r, chunk in zip(cluster.rollouts, _split(prompts, len(cluster.rollouts))) if chunk]
+        ray.wait(gen, num_returns=len(gen), fetch_local=False)
+    with timer.phase("reward"):
+        rewarders = cluster.rewarders
+        stats = ray.get([rewarders[i % len(rewarders)].score_and_push.remote(ref, samples) for i, ref in enumerate(gen)])
+    weights = [s["traces"] for s in stats]
+    merged = {k: sum(s[k] * w for s, w in zip(stats, weights)) / max(1, sum(weights)) for k in stats[0] if isinstance(stats[0][k], float)}
+    merged["generated_tokens"] = sum(s["generated_tokens"] for s in stats)
+    merged["samples"] = [t for s in stats for t in s["samples"]]
+    return merged
+
+
+def evaluate(cluster: Cluster, prompts: list) -> dict:
+    """Greedy accuracy on held-out prompts, overall and by task length."""
+    gen = [r.generate.remote(chunk, True) for r, chunk in zip(cluster.rollouts, _split(prompts, len(cluster.rollouts))) if chunk]
+    groups = [g for part in ray.get([cluster.rewarders[0].score.remote(ref) for ref in gen]) for g in part]
+    by_len: dict[str, list[float]] = defaultdict(list)
+    correct = []
+    for g in groups:
+        t = g.traces[0]
+        correct.append(t.components.get("correct", 0.0))
+        by_len[str(t.meta.get("length", "all"))].append(correct[-1])
+    return {
+        "accuracy": sum(correct) / len(correct),
+        "by_length": {k: sum(v) / len(v) for k, v in sorted(by_len.items(), key=lambda kv: (len(kv[0]), kv[0]))},
+        "truncated": sum(g.traces[0].finish_reason == "length" for g in groups) / len(groups),
+    }
+
+
+def sync_weights(cluster: Cluster) -> int:
+    """One ray.put of the learner's weights (its return value), read by every rollout actor."""
+    published = cluster.learner.weights.remote()
+    versions = ray.get([r.update_weights.remote(published) for r in cluster.rollouts])
+    return min(versions)
+
+
+def train(cfg: ExperimentConfig, run_dir: Path, log=print) -> dict:
+    started = time.time()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    model_path = resolve_model(cfg, log=log)
+    stream, held_out = train_stream(cfg.task), eval_set(cfg.task)
+    history: list[dict] = []
+    evals: list[dict] = []
+    with Cluster(cfg, run_dir, model_path) as cluster, open(run_dir / "metrics.jsonl", "a") as metrics, \
+            open(run_dir / "traces.jsonl", "a") as trace_log:
+        log(f"cluster up in {time.time() - started:.1f}s; evaluating {len(held_out)} held-out prompts")
+        evals.append({"step": 0, "wall": time.time() - started, **evaluate(cluster, held_out)})
+        log(f"step 0 held-out accuracy {evals[-1]['accuracy']:.3f}")
+        for step in range(1, cfg.run.steps + 1):
+            timer, step_started = Timer(), time.time()
+            produced, need = [], cfg.rollout.prompts_per_step
+            while need > 0:
+                produced.append(produce(cluster, [next(stream) for _ in range(need)], timer, cfg.run.sample_traces))
+                with timer.phase("fill"):
+                    need = ray.get(cluster.learner.fill_batch.remote())
+            with timer.phase("train"):
+                learned = ray.get(cluster.learner.train.remote())
+            with timer.phase("sync"):
+                sync_weights(cluster)
+            record = step_record(step, started, step_started, timer, produced, learned)
+            for t in produced[0]["samples"]:
+                trace_log.write(json.dumps({"step": step, **t}) + "\n")
+            if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < cfg.run.steps:
+                evals.append({"step": step, "wall": time.time() - started, **evaluate(cluster, held_out)})
+                record["eval_accuracy"] = evals[-1]["accuracy"]
+            history.append(record)
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            log(format_step(record, cfg.run.steps))
+        evals.append({"step": cfg.run.steps, "wall": time.time() - started, **evaluate(cluster, held_out)})
+        log(f"step {cfg.run.steps} held-out accuracy {evals[-1]['accuracy']:.3f}")
+        ray.get(cluster.learner.save_pretrained.remote(str(run_dir / "final")))
+        counters = cluster.buffer.counters()
+    return write_outputs(run_dir, cfg, history, evals, counters, time.time() - started)
+
+
+def step_record(step: int, started: float, step_started: float, timer: Timer, produced: list[dict], learned: dict) -> dict:
+    first = produced[0]
+    gen_seconds = timer.seconds["generate"]
+    return {
+        "step": step,
+        "wall": time.time() - started,
+        "step_seconds": time.time() - step_started,
+        **{k: v for k, v in first.items() if isinstance(v, float)},
+        "tokens_per_s": sum(p["generated_tokens"] for p in produced) / max(gen_seconds, 1e-9),
+        **{f"time_{k}": v for k, v in timer.seconds.items()},
+        **learned,
+    }
+
+
+def format_step(r: dict, steps: int) -> str:
+    return (f"step {r['step']}/{steps} reward {r['reward']:.3f} acc {r['accuracy']:.3f} loss {r['loss']:+.4f} "
+            f"tok/s {r['tokens_per_s']:.0f} step {r['step_seconds']:.2f}s"
+            + (f" held-out {r['eval_accuracy']:.3f}" if "eval_accuracy" in r else ""))
+

@@ -1,0 +1,203 @@
+"""The learner: a DeepSpeed engine that pulls scored groups from Redis, steps, and publishes weights.
+
+The only module that imports DeepSpeed. One instance per rank; the driver hosts
+it in a Ray actor. A step is: fill the batch (drop stale or invalid groups),
+compute advantages, forward/backward in micro-batches, optimizer step, ack the
+entries, advance the policy version.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from scratchpad.cluster.buffer import BufferAddress, RedisBuffer
+from scratchpad.cluster.config import ExperimentConfig
+from scratchpad.cluster.records import Group
+from scratchpad.learner.algorithms import ADVANTAGES, LOSSES, token_logprobs
+
+
+def _init_distributed(rank: int, world_size: int, master_port: int) -> None:
+    import deepspeed
+
+    os.environ.update({
+        "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master_port),
+    })
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+
+
+class Learner:
+    def __init__(self, cfg: ExperimentConfig, model_path: str, buffer: BufferAddress, rank: int = 0, world_size: int = 1, master_port: int = 29500):
+        import deepspeed
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.manual_seed(cfg.learner.seed + rank)
+        self.cfg = cfg
+        self.rank = rank
+        self.consumer = f"learner-{rank}"
+        self.buffer = RedisBuffer(buffer)
+        self.buffer.ensure_group()
+        _init_distributed(rank, world_size, master_port)
+        dtype = getattr(torch, cfg.model.dtype)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        model.config.use_cache = False
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.reference = None
+        if cfg.learner.kl_coef > 0:
+            self.reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval().requires_grad_(False)
+        batch = cfg.rollout.prompts_per_step * cfg.rollout.n
+        micro = min(cfg.learner.micro_batch_size, batch)
+        self.micro = micro
+        self.accum = -(-batch // micro)  # ceil: the last micro-batch may be short; loss weights by tokens, not rows
+        optim = torch.optim.AdamW(model.parameters(), lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay, betas=(0.9, 0.99))
+        warm = cfg.learner.warmup_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        ds_config = {
+            "train_micro_batch_size_per_gpu": micro,
+            "gradient_accumulation_steps": self.accum,
+            "train_batch_size": micro * self.accum * world_size,
+            "gradient_clipping": cfg.learner.grad_clip,
+            "zero_optimization": {"stage": cfg.learner.zero_stage},
+            "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optim, lr_scheduler=sched, config=ds_config)
+        self.version = 0  # policy version of the weights the learner holds; +1 per step
+        self.batch: list[tuple[str, Group]] = []
+        self.dropped_pending: dict[str, int] = {}
+        self.dropped_ids: list[str] = []
+
+    # ---- batch assembly -------------------------------------------------------------------
+
+    def fill_batch(self, block_ms: int = 2000) -> int:
+        """Read groups until the step's batch is full; returns how many groups are still missing."""
+        want = self.cfg.rollout.prompts_per_step - len(self.batch)
+        if want <= 0:
+            return 0
+        for entry_id, group in self.buffer.read(self.consumer, want, block_ms):
+            reason = self._drop_reason(group)
+            if reason:
+                self.dropped_pending[reason] = self.dropped_pending.get(reason, 0) + 1
+                self.dropped_ids.append(entry_id)
+            else:
+                self.batch.append((entry_id, group))
+        return self.cfg.rollout.prompts_per_step - len(self.batch)
+
+    def _drop_reason(self, group: Group) -> str | None:
+        if self.version - group.policy_version > self.cfg.learner.max_staleness:
+            return "stale"
+        if len(group.traces) != self.cfg.rollout.n:
+            return "invalid"
+        if any(t.reward is None for t in group.traces):
+            return "invalid"
+        return None
+
+    # ---- the step -------------------------------------------------------------------------
+
+    def _tensors(self, groups: list[Group]) -> dict[str, torch.Tensor]:
+        traces = [t for g in groups for t in g.traces]
+        width = max(len(t.prompt_ids) + len(t.completion_ids) for t in traces)
+        comp_width = max(len(t.completion_ids) for t in traces)
+        n = len(traces)
+        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((n, width), dtype=torch.long)
+        targets = torch.full((n, comp_width), self.pad_id, dtype=torch.long)
+        old_logp = torch.zeros((n, comp_width))
+        mask = torch.zeros((n, comp_width))
+        starts = torch.zeros(n, dtype=torch.long)
+        for i, t in enumerate(traces):
+            seq = t.prompt_ids + t.completion_ids
+            input_ids[i, : len(seq)] = torch.tensor(seq)
+            attention[i, : len(seq)] = 1
+            c = len(t.completion_ids)
+            targets[i, :c] = torch.tensor(t.completion_ids)
+            old_logp[i, :c] = torch.tensor(t.logprobs)
+            mask[i, :c] = 1
+            starts[i] = len(t.prompt_ids)
+        rewards = torch.tensor([t.reward for t in traces], dtype=torch.float32)
+        return {"input_ids": input_ids, "attention": attention, "targets": targets, "old_logp": old_logp,
+                "mask": mask, "starts": starts, "rewards": rewards}
+
+    def _completion_logprobs(self, model, batch: dict[str, torch.Tensor], rows: slice) -> torch.Tensor:
+        """(b, C) log p of each completion token under `model`, 0 on padding."""
+        ids, att = batch["input_ids"][rows], batch["attention"][rows]
+        logits = model(input_ids=ids, attention_mask=att).logits  # (b, W, V)
+        comp = batch["targets"][rows].shape[1]
+        # Completion token k of row i sits at position starts[i] + k and is predicted from position starts[i] + k - 1.
+        pos = batch["starts"][rows].unsqueeze(1) - 1 + torch.arange(comp).unsqueeze(0)
+        pos = pos.clamp(max=ids.shape[1] - 1)
+        picked = logits.gather(1, pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+        return token_logprobs(picked, batch["targets"][rows]) * batch["mask"][rows]
+
+    def train(self) -> dict[str, float]:
+        """One optimizer step on the filled batch; acks it and returns metrics."""
+        assert self.batch, "train() called with an empty batch; call fill_batch() first"
+        started = time.time()
+        cfg = self.cfg.learner
+        groups = [g for _, g in self.batch]
+        batch = self._tensors(groups)
+        advantages = ADVANTAGES[cfg.algorithm](batch["rewards"], self.cfg.rollout.n)
+        loss_fn = LOSSES[cfg.algorithm]
+        total_tokens = batch["mask"].sum()
+        n = batch["input_ids"].shape[0]
+        sums: dict[str, float] = {}
+        self.engine.train()
+        for k in range(self.accum):
+            rows = slice(k * self.micro, min(n, (k + 1) * self.micro))
+            if rows.start >= n:
+                break
+            logp = self._completion_logprobs(self.engine, batch, rows)
+            ref_logp = None
+            if self.reference is not None:
+                with torch.no_grad():
+                    ref_logp = self._completion_logprobs(self.reference, batch, rows)
+            mask = batch["mask"][rows]
+            loss, stats = loss_fn(logp, batch["old_logp"][rows], advantages[rows], mask, cfg.clip_eps, ref_logp, cfg.kl_coef)
+            # Token-level mean over the whole batch: weight this micro-batch by its share of tokens.
+            # DeepSpeed divides by gradient_accumulation_steps in backward, so multiply it back.
+            share = mask.sum() / total_tokens
+            self.engine.backward(loss * share * self.accum)
+            self.engine.step()
+            for name, value in {"loss": loss, **stats}.items():
+                sums[name] = sums.get(name, 0.0) + float(value) * float(share)
+        ids = [entry_id for entry_id, _ in self.batch] + self.dropped_ids
+        self.buffer.ack(ids, trained=len(self.batch), dropped=self.dropped_pending)
+        lags = [self.version - g.policy_version for g in groups]
+        self.version += 1
+        metrics = {
+            **sums,
+            "reward_mean": float(batch["rewards"].mean()),
+            "groups_trained": len(self.batch),
+            "groups_dropped": sum(self.dropped_pending.values()),
+            "tokens": int(total_tokens),
+            "policy_lag_mean": sum(lags) / len(lags),
+            "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+            "learner_seconds": time.time() - started,
+            "policy_version": self.version,
+        }
+        self.batch, self.dropped_pending, self.dropped_ids = [], {}, []
+        return metrics
+
+    # ---- publication ----------------------------------------------------------------------
+
+    def weights(self) -> tuple[int, list[tuple[str, torch.Tensor]]]:
+        """(policy_version, [(HF name, CPU tensor)]): what rollout engines load in place."""
+        module = self.engine.module
+        return self.version, [(name, p.detach().to("cpu").clone()) for name, p in module.state_dict().items()]
+
+    def save_pretrained(self, directory: str) -> str:
+        self.engine.module.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        return directory
+
+    def save_checkpoint(self, directory: str) -> None:
+        self.engine.save_checkpoint(directory, client_state={"policy_version": self.version})
+
+    def close(self) -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
