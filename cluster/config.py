@@ -33,6 +33,7 @@ class TinyModelConfig(_Section):
     warmstart_steps: int = Field(150, ge=0, le=100000, description="Supervised steps on chain-of-thought examples before RL; 0 leaves the model random.")
     warmstart_batch: int = Field(32, ge=1, le=4096, description="Examples per supervised step.")
     warmstart_lr: float = Field(3e-3, gt=0, le=1, description="Peak learning rate of the warm start (AdamW, linear decay).")
+    warmstart_direct_fraction: float = Field(0.0, ge=0, le=1, description="Share of warm-start examples that answer at once, with no scratchpad (cot mode only); RL then decides when to think.")
     seed: int = Field(0, ge=0, description="Seed for weights and warm-start data; the cache key includes it.")
 
 
@@ -97,12 +98,16 @@ class BufferConfig(_Section):
 class LearnerConfig(_Section):
     """The DeepSpeed learner and its algorithm."""
 
-    algorithm: Literal["grpo"] = Field("grpo", description="Policy-gradient algorithm (advantage + loss) by name.")
-    lr: float = Field(1e-3, gt=0, le=1, description="AdamW learning rate (constant after warmup).")
+    algorithm: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"] = Field("grpo", description="Advantage estimator by name (learner/algorithms.py).")
+    lr: float = Field(1e-4, gt=0, le=1, description="AdamW learning rate (constant after warmup).")
     warmup_steps: int = Field(0, ge=0, le=1_000_000, description="Linear learning-rate warmup, in learner steps.")
     weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
-    clip_eps: float = Field(0.2, gt=0, le=10, description="PPO clip range for the importance ratio against the sampler's logprobs.")
-    kl_coef: float = Field(0.0, ge=0, le=100, description="Weight of the k3 KL penalty to the frozen reference model; 0 loads no reference.")
+    clip_low: float = Field(0.2, gt=0, le=1, description="Importance ratio may fall to 1 - clip_low before the surrogate clips.")
+    clip_high: float = Field(0.2, gt=0, le=10, description="Importance ratio may rise to 1 + clip_high (DAPO's clip-higher uses 0.28).")
+    dual_clip: float | None = Field(None, gt=1, le=100, description="Dual-clip bound c for negative advantages (loss <= c|A|); null disables.")
+    loss_aggregation: Literal["token_mean", "seq_mean", "seq_sum"] = Field("token_mean", description="token_mean over the batch (DAPO), seq_mean per sequence (GRPO paper), seq_sum over a fixed budget (Dr. GRPO).")
+    kl_coef: float = Field(0.0, ge=0, le=100, description="Weight of the KL penalty to the frozen reference model; 0 loads no reference.")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="Per-token KL estimator for the penalty.")
     grad_clip: float = Field(1.0, ge=0, le=1e6, description="Global gradient-norm clip; 0 disables.")
     micro_batch_size: int = Field(64, ge=1, le=65536, description="Sequences per forward/backward; gradients accumulate over a step.")
     zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage.")
@@ -209,8 +214,8 @@ def _check_consistency(cfg: ExperimentConfig, source: str) -> None:
     url = cfg.buffer.redis_url
     if url is not None and not url.startswith(("redis://", "rediss://")):
         raise ConfigError(f"{source}: buffer.redis_url must start with redis:// or rediss:// (got {url!r})")
-    if cfg.rollout.n < 2 and cfg.learner.algorithm == "grpo":
-        raise ConfigError(f"{source}: rollout.n must be at least 2 for grpo (group-relative advantages)")
+    if cfg.rollout.n < 2:
+        raise ConfigError(f"{source}: rollout.n must be at least 2 ({cfg.learner.algorithm} uses group-relative advantages)")
 
 
 def dump_config(cfg: ExperimentConfig) -> str:

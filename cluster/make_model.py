@@ -99,7 +99,8 @@ def warm_start(cfg: ExperimentConfig, model, tokenizer, log=print) -> list[float
         for _ in range(tiny.warmstart_batch):
             question, answer, _ = make(rng, cfg.task.min_len, cfg.task.max_len)
             prompt_ids = tokenizer(plain_prompt(question))["input_ids"]
-            done = target_completion(cfg.task.mode, worked_thought(cfg.task.name, question), answer)
+            mode = "direct" if rng.random() < tiny.warmstart_direct_fraction else cfg.task.mode
+            done = target_completion(mode, worked_thought(cfg.task.name, question), answer)
             completion_ids = tokenizer(done, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             rows.append((prompt_ids, completion_ids))
         width = max(len(p) + len(c) for p, c in rows)
@@ -117,7 +118,7 @@ def warm_start(cfg: ExperimentConfig, model, tokenizer, log=print) -> list[float
         optim.step()
         sched.step()
         optim.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 25 == 0 or step == tiny.warmstart_steps - 1:
             log(f"warm start step {step + 1}/{tiny.warmstart_steps} loss {loss.item():.3f}")
     model.eval()

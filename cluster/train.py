@@ -65,9 +65,11 @@ def evaluate(cluster: Cluster, prompts: list) -> dict:
         correct.append(t.components.get("correct", 0.0))
         by_len[str(t.meta.get("length", "all"))].append(correct[-1])
     return {
+        "prompts": len(groups),
         "accuracy": sum(correct) / len(correct),
         "by_length": {k: sum(v) / len(v) for k, v in sorted(by_len.items(), key=lambda kv: (len(kv[0]), kv[0]))},
         "truncated": sum(g.traces[0].finish_reason == "length" for g in groups) / len(groups),
+        "thought_rate": sum(g.traces[0].thought is not None for g in groups) / len(groups),
     }
 
 

@@ -1,10 +1,13 @@
 """Advantages, losses and KL estimators as small pure functions over tensors, chosen by name.
 
 Shapes: B sequences, T completion tokens (right-padded); `mask` (B, T) is 1 on
-real completion tokens. GRPO here departs from the paper in two stated ways:
-the loss is averaged over all real tokens of the batch (token-level, as DAPO
-argues) rather than per sequence, and the KL term is the k3 estimator against
-a frozen reference, added to the loss (0 by default).
+real completion tokens; rewards and advantages are (B,), with the n traces of a
+group consecutive. Departures from the papers, stated:
+- GRPO uses the population std of the group (unbiased=False) and eps=1e-6.
+- The default aggregation is "token_mean" over the whole batch (DAPO); GRPO's
+  original per-sequence mean is "seq_mean"; Dr. GRPO's "seq_sum" divides token
+  sums by a constant (the generation budget) instead of each length.
+- KL is a loss term against a frozen reference, with k1/k2/k3 estimators.
 """
 from __future__ import annotations
 
@@ -12,73 +15,143 @@ import torch
 
 
 def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
-    """(B,) rewards of consecutive groups -> (B,) advantages (r - mean_group) / (std_group + eps)."""
+    """(r - mean_group) / (std_group + eps)."""
     grouped = rewards.view(-1, group_size)
     mean = grouped.mean(dim=1, keepdim=True)
     std = grouped.std(dim=1, keepdim=True, unbiased=False)
     return ((grouped - mean) / (std + eps)).view(-1)
 
 
-ADVANTAGES = {"grpo": grpo_advantages}
+def dr_grpo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Dr. GRPO: r - mean_group, no std division (which over-weights easy and hard prompts)."""
+    grouped = rewards.view(-1, group_size)
+    return (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO: r_i minus the mean of the other n-1 rewards of its group."""
+    grouped = rewards.view(-1, group_size)
+    others = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
+    return (grouped - others).view(-1)
+
+
+def reinforce_pp_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """REINFORCE++ (baseline variant): subtract the group mean, then normalise by the whole batch's std."""
+    centred = dr_grpo_advantages(rewards, group_size)
+    return (centred - centred.mean()) / (centred.std(unbiased=False) + eps)
+
+
+ADVANTAGES = {
+    "grpo": grpo_advantages,
+    "dr_grpo": dr_grpo_advantages,
+    "rloo": rloo_advantages,
+    "reinforce_pp": reinforce_pp_advantages,
+}
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, norm: float) -> torch.Tensor:
+    """Reduce (B, T) per-token losses to a scalar, as a SUM over this micro-batch divided by `norm`.
+
+    token_mean: norm is the batch's real-token count. seq_mean: each row's mean, norm is the
+    batch's sequence count. seq_sum: token sums, norm is sequences x generation budget (Dr. GRPO).
+    Summing over micro-batches then gives exactly the whole batch's loss.
+    """
+    if mode == "seq_mean":
+        return ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum() / norm
+    if mode in ("token_mean", "seq_sum"):
+        return (per_token * mask).sum() / norm
+    raise ValueError(f"unknown loss aggregation {mode!r}")
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-token estimate of KL(pi || ref) from samples of pi. k1: log ratio (unbiased, high variance);
+    k2: half squared log ratio; k3: exp(ref - logp) - (ref - logp) - 1 (unbiased, non-negative)."""
+    log_ratio = logp - ref_logp
+    if kind == "k1":
+        return log_ratio
+    if kind == "k2":
+        return 0.5 * log_ratio**2
+    if kind == "k3":
+        return torch.exp(-log_ratio) + log_ratio - 1
+    raise ValueError(f"unknown KL estimator {kind!r}")
+
+
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimate of KL(pi || ref): exp(ref - logp) - (ref - logp) - 1, non-negative."""
-    delta = ref_logp - logp
-    return torch.exp(delta) - delta - 1
+    return kl_estimate(logp, ref_logp, "k3")
 
 
-def clipped_pg_loss(
+def clipped_pg_per_token(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
     advantages: torch.Tensor,
-    mask: torch.Tensor,
-    clip_eps: float,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO's clipped surrogate, token-level mean. logp/old_logp/mask: (B, T); advantages: (B,).
-
-    old_logp are the sampler's logprobs, so the ratio also corrects for the
-    engine/trainer mismatch and for staleness when max_staleness > 0.
-    """
+    clip_low: float,
+    clip_high: float,
+    dual_clip: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate per token, with DAPO's asymmetric range [1 - clip_low, 1 + clip_high]
+    and optional dual clip (negative advantages: loss bounded by dual_clip * |A|). Returns (loss, clipped?)."""
     ratio = torch.exp(logp - old_logp)
     adv = advantages.unsqueeze(1)
-    unclipped = ratio * adv
-    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv
-    loss = masked_mean(-torch.minimum(unclipped, clipped), mask)
-    with torch.no_grad():
-        stats = {
-            "clip_frac": masked_mean(((ratio - 1).abs() > clip_eps).float(), mask),
-            "ratio_mean": masked_mean(ratio, mask),
-            "logprob_gap": masked_mean((logp - old_logp).abs(), mask),
-        }
-    return loss, stats
+    unclipped = -ratio * adv
+    clipped = -torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv
+    loss = torch.maximum(unclipped, clipped)
+    if dual_clip is not None:
+        loss = torch.where(adv < 0, torch.minimum(loss, -dual_clip * adv), loss)
+    return loss, (clipped > unclipped).float()
 
 
-def grpo_loss(
+def policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
-    clip_eps: float,
+    *,
+    clip_low: float,
+    clip_high: float,
+    norm: float,
+    aggregation: str = "token_mean",
+    dual_clip: float | None = None,
     ref_logp: torch.Tensor | None = None,
     kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped policy gradient plus kl_coef * k3 KL to the reference (token-level means)."""
-    loss, stats = clipped_pg_loss(logp, old_logp, advantages, mask, clip_eps)
-    if ref_logp is not None:
-        kl = masked_mean(kl_k3(logp, ref_logp), mask)
-        stats["kl"] = kl.detach()
-        loss = loss + kl_coef * kl
+    """Clipped policy gradient plus kl_coef x KL to the reference, aggregated as `aggregation`.
+
+    old_logp are the sampler's logprobs, so the ratio also corrects for the engine/trainer
+    mismatch and for staleness when max_staleness > 0.
+    """
+    per_token, was_clipped = clipped_pg_per_token(logp, old_logp, advantages, clip_low, clip_high, dual_clip)
+    stats = {}
+    if ref_logp is not None and kl_coef:
+        kl = kl_estimate(logp, ref_logp, kl_estimator)
+        per_token = per_token + kl_coef * kl
+        stats["kl"] = masked_mean(kl.detach(), mask)
+    loss = aggregate(per_token, mask, aggregation, norm)
+    with torch.no_grad():
+        stats["clip_frac"] = masked_mean(was_clipped, mask)
+        stats["logprob_gap"] = masked_mean((logp - old_logp).abs(), mask)
+        stats["ratio_mean"] = masked_mean(torch.exp(logp - old_logp), mask)
     return loss, stats
 
 
-LOSSES = {"grpo": grpo_loss}
+def grpo_loss(logp, old_logp, advantages, mask, clip_eps, ref_logp=None, kl_coef=0.0):
+    """GRPO as usually written: symmetric clip, token-level mean over the given tokens, k3 KL."""
+    return policy_loss(logp, old_logp, advantages, mask, clip_low=clip_eps, clip_high=clip_eps,
+                       norm=float(mask.sum().clamp(min=1)), ref_logp=ref_logp, kl_coef=kl_coef)
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[targets]: logits (B, T, V), targets (B, T) -> (B, T), in float32."""
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    """log softmax(logits)[targets]: logits (B, T, V), targets (B, T) -> (B, T); half precision is upcast to float32."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Per-position entropy of softmax(logits): (B, T, V) -> (B, T)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)

@@ -15,7 +15,7 @@ import torch
 from scratchpad.cluster.buffer import BufferAddress, RedisBuffer
 from scratchpad.cluster.config import ExperimentConfig
 from scratchpad.cluster.records import Group
-from scratchpad.learner.algorithms import ADVANTAGES, LOSSES, token_logprobs
+from scratchpad.learner.algorithms import ADVANTAGES, policy_loss, token_logprobs
 
 
 def _init_distributed(rank: int, world_size: int, master_port: int) -> None:
@@ -142,10 +142,11 @@ class Learner:
         groups = [g for _, g in self.batch]
         batch = self._tensors(groups)
         advantages = ADVANTAGES[cfg.algorithm](batch["rewards"], self.cfg.rollout.n)
-        loss_fn = LOSSES[cfg.algorithm]
-        total_tokens = batch["mask"].sum()
         n = batch["input_ids"].shape[0]
+        norm = {"token_mean": float(batch["mask"].sum()), "seq_mean": float(n),
+                "seq_sum": float(n * self.cfg.rollout.max_new_tokens)}[cfg.loss_aggregation]
         sums: dict[str, float] = {}
+        grad_norm = 0.0
         self.engine.train()
         for k in range(self.accum):
             rows = slice(k * self.micro, min(n, (k + 1) * self.micro))
@@ -157,31 +158,45 @@ class Learner:
                 with torch.no_grad():
                     ref_logp = self._completion_logprobs(self.reference, batch, rows)
             mask = batch["mask"][rows]
-            loss, stats = loss_fn(logp, batch["old_logp"][rows], advantages[rows], mask, cfg.clip_eps, ref_logp, cfg.kl_coef)
-            # Token-level mean over the whole batch: weight this micro-batch by its share of tokens.
-            # DeepSpeed divides by gradient_accumulation_steps in backward, so multiply it back.
-            share = mask.sum() / total_tokens
-            self.engine.backward(loss * share * self.accum)
+            # The loss is this micro-batch's share of the whole batch's loss (sum / batch norm), so the
+            # micro-batches add up exactly; DeepSpeed divides by gradient_accumulation_steps, so multiply back.
+            loss, stats = policy_loss(
+                logp, batch["old_logp"][rows], advantages[rows], mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                norm=norm, aggregation=cfg.loss_aggregation, dual_clip=cfg.dual_clip, ref_logp=ref_logp,
+                kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator,
+            )
+            self.engine.backward(loss * self.accum)
+            if self.engine.is_gradient_accumulation_boundary() and cfg.zero_stage == 0:
+                grad_norm = self._grad_norm()  # stage 0 leaves gradients on the parameters until step()
             self.engine.step()
-            for name, value in {"loss": loss, **stats}.items():
-                sums[name] = sums.get(name, 0.0) + float(value) * float(share)
+            share = float(mask.sum() / batch["mask"].sum())
+            sums["loss"] = sums.get("loss", 0.0) + float(loss)
+            for name, value in stats.items():
+                sums[name] = sums.get(name, 0.0) + float(value) * share
+        if cfg.zero_stage > 0:
+            grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
         ids = [entry_id for entry_id, _ in self.batch] + self.dropped_ids
         self.buffer.ack(ids, trained=len(self.batch), dropped=self.dropped_pending)
         lags = [self.version - g.policy_version for g in groups]
         self.version += 1
         metrics = {
             **sums,
+            "tokens": int(batch["mask"].sum()),
             "reward_mean": float(batch["rewards"].mean()),
             "groups_trained": len(self.batch),
             "groups_dropped": sum(self.dropped_pending.values()),
-            "tokens": int(total_tokens),
             "policy_lag_mean": sum(lags) / len(lags),
-            "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+            "grad_norm": grad_norm,
             "learner_seconds": time.time() - started,
             "policy_version": self.version,
         }
         self.batch, self.dropped_pending, self.dropped_ids = [], {}, []
         return metrics
+
+    def _grad_norm(self) -> float:
+        """Global gradient norm before clipping, from the parameters' .grad (ZeRO stage 0)."""
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
 
     # ---- publication ----------------------------------------------------------------------
 

@@ -110,6 +110,7 @@ def summarise(groups: list[Group]) -> dict[str, float]:
         "accuracy": sum(t.components.get("correct", 0.0) for t in traces) / n,
         "format": sum(t.components.get("format", 0.0) for t in traces) / n,
         "truncated": sum(t.finish_reason == "length" for t in traces) / n,
+        "thought_rate": sum(t.thought is not None for t in traces) / n,
         "completion_tokens": sum(len(t.completion_ids) for t in traces) / n,
     }
     for status in ("timeout", "error", "unparsable"):

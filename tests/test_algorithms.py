@@ -1,0 +1,120 @@
+"""The algorithms against hand-computed values, in float64."""
+import math
+
+import torch
+
+from scratchpad.learner.algorithms import (
+    aggregate, dr_grpo_advantages, grpo_advantages, grpo_loss, kl_estimate, kl_k3, policy_loss, reinforce_pp_advantages,
+    rloo_advantages, token_logprobs,
+)
+
+torch.set_default_dtype(torch.float64)
+
+
+def test_grpo_advantages_by_hand():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+    adv = grpo_advantages(rewards, group_size=4, eps=0.0 + 1e-12)
+    # group 1: mean 0.5, population std 0.5 -> +-1; group 2: all equal -> 0
+    assert torch.allclose(adv, torch.tensor([1.0, -1.0, -1.0, 1.0, 0.0, 0.0, 0.0, 0.0]), atol=1e-9)
+
+
+def test_clipped_loss_by_hand():
+    logp = torch.tensor([[math.log(0.5), math.log(0.9)]])
+    old = torch.tensor([[math.log(0.25), math.log(0.9)]])
+    mask = torch.tensor([[1.0, 1.0]])
+    adv = torch.tensor([2.0])
+    loss, stats = grpo_loss(logp, old, adv, mask, clip_eps=0.2)
+    # token 1: ratio 2 -> clipped to 1.2 -> -2.4; token 2: ratio 1 -> -2; mean -2.2
+    assert math.isclose(loss.item(), -2.2, rel_tol=1e-12)
+    assert math.isclose(stats["clip_frac"].item(), 0.5)
+
+
+def test_negative_advantage_takes_the_pessimistic_side():
+    logp, old = torch.tensor([[math.log(0.5)]]), torch.tensor([[math.log(0.25)]])
+    loss, _ = grpo_loss(logp, old, torch.tensor([-1.0]), torch.ones(1, 1), clip_eps=0.2)
+    assert math.isclose(loss.item(), 2.0, rel_tol=1e-12)  # max(2 * 1, 1.2 * 1): the unclipped, larger penalty
+
+
+def test_kl_k3_by_hand():
+    logp, ref = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])
+    # delta = log 0.5 - ... = ln(0.25/0.5) = -ln 2; k3 = e^delta - delta - 1 = 0.5 + ln2 - 1
+    assert math.isclose(kl_k3(logp, ref).item(), 0.5 + math.log(2) - 1, rel_tol=1e-12)
+    assert kl_k3(logp, logp).item() == 0.0
+
+
+def test_grpo_loss_recomputed_independently():
+    gen = torch.Generator().manual_seed(0)
+    B, T, G = 8, 5, 4
+    logp = -torch.rand(B, T, generator=gen) * 3
+    old = logp + (torch.rand(B, T, generator=gen) - 0.5) * 0.6
+    ref = logp + (torch.rand(B, T, generator=gen) - 0.5) * 0.4
+    mask = (torch.rand(B, T, generator=gen) > 0.2).double()
+    rewards = torch.rand(B, generator=gen)
+    eps, beta = 0.2, 0.05
+    adv = grpo_advantages(rewards, G)
+    loss, _ = grpo_loss(logp, old, adv, mask, eps, ref, beta)
+    # Independent loop over tokens.
+    total, count = 0.0, 0.0
+    for i in range(B):
+        g = i // G
+        rs = [rewards[j].item() for j in range(g * G, g * G + G)]
+        mean = sum(rs) / G
+        std = math.sqrt(sum((r - mean) ** 2 for r in rs) / G)
+        a = (rewards[i].item() - mean) / (std + 1e-6)
+        for t in range(T):
+            if mask[i, t] == 0:
+                continue
+            ratio = math.exp(logp[i, t].item() - old[i, t].item())
+            surrogate = min(ratio * a, max(min(ratio, 1 + eps), 1 - eps) * a)
+            d = ref[i, t].item() - logp[i, t].item()
+            total += -surrogate + beta * (math.exp(d) - d - 1)
+            count += 1
+    assert math.isclose(loss.item(), total / count, rel_tol=1e-10)
+
+
+def test_token_logprobs_matches_log_softmax():
+    logits = torch.tensor([[[0.0, math.log(3.0)]]])
+    assert math.isclose(token_logprobs(logits, torch.tensor([[1]])).item(), math.log(0.75), rel_tol=1e-12)
+
+
+def test_other_advantages_by_hand():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 3.0, 0.0, 0.0, 1.0])
+    assert torch.allclose(dr_grpo_advantages(rewards, 4), torch.tensor([0.5, -0.5, -0.5, 0.5, 2.0, -1.0, -1.0, 0.0]))
+    # RLOO: r_i - mean(others); group 1: 1 - 1/3, 0 - 2/3
+    expected = torch.tensor([2 / 3, -2 / 3, -2 / 3, 2 / 3, 3 - 1 / 3, -4 / 3, -4 / 3, 1 - 1.0])
+    assert torch.allclose(rloo_advantages(rewards, 4), expected)
+    centred = dr_grpo_advantages(rewards, 4)
+    pp = reinforce_pp_advantages(rewards, 4)
+    assert torch.allclose(pp, (centred - centred.mean()) / (centred.std(unbiased=False) + 1e-6))
+    assert abs(pp.mean().item()) < 1e-9 and abs(pp.std(unbiased=False).item() - 1) < 1e-5
+
+
+def test_kl_estimators_by_hand():
+    logp, ref = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])
+    assert math.isclose(kl_estimate(logp, ref, "k1").item(), math.log(2), rel_tol=1e-12)
+    assert math.isclose(kl_estimate(logp, ref, "k2").item(), 0.5 * math.log(2) ** 2, rel_tol=1e-12)
+
+
+def test_asymmetric_and_dual_clip_by_hand():
+    mask = torch.ones(1, 1)
+    # ratio 1.25: clip_high 0.28 leaves it unclipped (DAPO), 0.2 clips it.
+    logp, old = torch.tensor([[math.log(0.5)]]), torch.tensor([[math.log(0.4)]])
+    loose, _ = policy_loss(logp, old, torch.tensor([1.0]), mask, clip_low=0.2, clip_high=0.28, norm=1.0)
+    tight, _ = policy_loss(logp, old, torch.tensor([1.0]), mask, clip_low=0.2, clip_high=0.2, norm=1.0)
+    assert math.isclose(loose.item(), -1.25, rel_tol=1e-12) and math.isclose(tight.item(), -1.2, rel_tol=1e-12)
+    # ratio 5 with A = -1: plain PPO loss 5, dual clip c=3 bounds it at 3.
+    logp, old = torch.tensor([[math.log(0.5)]]), torch.tensor([[math.log(0.1)]])
+    plain, _ = policy_loss(logp, old, torch.tensor([-1.0]), mask, clip_low=0.2, clip_high=0.2, norm=1.0)
+    dual, _ = policy_loss(logp, old, torch.tensor([-1.0]), mask, clip_low=0.2, clip_high=0.2, norm=1.0, dual_clip=3.0)
+    assert math.isclose(plain.item(), 5.0, rel_tol=1e-12) and math.isclose(dual.item(), 3.0, rel_tol=1e-12)
+
+
+def test_aggregations_by_hand():
+    per_token = torch.tensor([[1.0, 3.0, 0.0], [2.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert aggregate(per_token, mask, "token_mean", norm=3.0).item() == 2.0  # (1 + 3 + 2) / 3 tokens
+    assert aggregate(per_token, mask, "seq_mean", norm=2.0).item() == 2.0  # (2 + 2) / 2 sequences
+    assert aggregate(per_token, mask, "seq_sum", norm=2 * 4.0).item() == 0.75  # 6 / (2 x budget 4)
+    # Micro-batches add up to the whole batch.
+    halves = aggregate(per_token[:1], mask[:1], "seq_mean", 2.0) + aggregate(per_token[1:], mask[1:], "seq_mean", 2.0)
+    assert halves.item() == 2.0

@@ -1,0 +1,63 @@
+"""Records survive msgpack; malformed payloads are rejected; the scorer marks every trace with a status."""
+import time
+
+import pytest
+
+from scratchpad.cluster.config import RewardConfig
+from scratchpad.cluster.records import Group, Trace, decode_group, encode_group
+from scratchpad.rewards import scoring
+from scratchpad.rewards.scoring import Scorer
+
+
+def make_trace(answer="3", closed=True, group="g1", k=0, reference="3"):
+    return Trace(trace_id=f"{group}:{k}", group_id=group, prompt_id="p", prompt="A=[3] i=0\n", prompt_ids=[1, 2],
+                 completion="", completion_ids=[5, 6], logprobs=[-0.1, -0.2], finish_reason="stop", policy_version=0,
+                 reference=reference, thought="0:3", answer=answer, closed=closed)
+
+
+def test_group_round_trip():
+    group = Group(group_id="g1", prompt_id="p", policy_version=3, traces=[make_trace(k=i) for i in range(4)])
+    assert decode_group(encode_group(group)) == group
+
+
+@pytest.mark.parametrize("payload", [b"garbage", b"\x81\xa1x\x01", encode_group(Group("g1", "p", 0, []))])
+def test_malformed_payloads_raise_value_error(payload):
+    with pytest.raises(ValueError):
+        decode_group(payload)
+
+
+def test_mismatched_logprobs_are_rejected():
+    bad = make_trace()
+    bad.logprobs = [-0.1]
+    with pytest.raises(ValueError, match="logprobs"):
+        decode_group(encode_group(Group("g1", "p", 0, [bad])))
+
+
+def test_scorer_statuses_and_rewards():
+    scorer = Scorer(RewardConfig(format_weight=0.1))
+    right, wrong, rambling, none = make_trace(), make_trace(answer="4"), make_trace(closed=False), make_trace(answer=None, closed=False)
+    scorer.score([Group("g1", "p", 0, [right, wrong, rambling, none])])
+    assert (right.status, right.reward) == ("ok", pytest.approx(1.1))
+    assert (wrong.status, wrong.reward) == ("ok", pytest.approx(0.1))
+    assert rambling.reward == 0.0  # a right answer followed by more text is not rewarded
+    assert (none.status, none.reward) == ("unparsable", 0.0)
+
+
+def test_checker_errors_and_timeouts_mark_the_trace(monkeypatch):
+    def broken(answer, reference):
+        raise RuntimeError("checker bug")
+
+    def slow(answer, reference):
+        time.sleep(2)
+        return True
+
+    monkeypatch.setitem(scoring.CHECKERS, "broken", broken)
+    monkeypatch.setitem(scoring.CHECKERS, "slow", slow)
+    trace = make_trace()
+    Scorer(RewardConfig(), checker="broken").score_trace(trace)
+    assert trace.status == "error" and "checker bug" in trace.error and trace.reward == 0.0
+    trace = make_trace()
+    started = time.time()
+    Scorer(RewardConfig(timeout_s=0.3), checker="slow").score_trace(trace)
+    assert trace.status == "timeout" and trace.reward == 0.0
+    assert time.time() - started < 0.3 + 0.5
