@@ -102,6 +102,8 @@ class LearnerConfig(_Section):
     lr: float = Field(1e-4, gt=0, le=1, description="AdamW learning rate (constant after warmup).")
     warmup_steps: int = Field(0, ge=0, le=1_000_000, description="Linear learning-rate warmup, in learner steps.")
     weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
+    adam_eps: float = Field(1e-8, gt=0, le=1, description="AdamW epsilon; larger values stop Adam from blowing tiny, noisy gradients up to full-size steps.")
+    adam_beta2: float = Field(0.999, gt=0, lt=1, description="AdamW second-moment decay.")
     clip_low: float = Field(0.2, gt=0, le=1, description="Importance ratio may fall to 1 - clip_low before the surrogate clips.")
     clip_high: float = Field(0.2, gt=0, le=10, description="Importance ratio may rise to 1 + clip_high (DAPO's clip-higher uses 0.28).")
     dual_clip: float | None = Field(None, gt=1, le=100, description="Dual-clip bound c for negative advantages (loss <= c|A|); null disables.")
@@ -205,6 +207,9 @@ def _check_consistency(cfg: ExperimentConfig, source: str) -> None:
     tiny = cfg.model.tiny
     if tiny.hidden_size % tiny.num_heads:
         raise ConfigError(f"{source}: model.tiny.hidden_size ({tiny.hidden_size}) must divide by model.tiny.num_heads ({tiny.num_heads})")
+    head_dim = tiny.hidden_size // tiny.num_heads
+    if cfg.model.path is None and cfg.rollout.engine == "vllm" and (head_dim < 32 or head_dim % 16):
+        raise ConfigError(f"{source}: model.tiny head size hidden_size/num_heads = {head_dim}; vLLM's CPU attention needs a multiple of 16, at least 32")
     if cfg.task.min_len > cfg.task.max_len:
         raise ConfigError(f"{source}: task.min_len ({cfg.task.min_len}) exceeds task.max_len ({cfg.task.max_len})")
     if cfg.task.name == "jsonl" and not cfg.task.train_path:

@@ -53,7 +53,8 @@ class Learner:
         micro = min(cfg.learner.micro_batch_size, batch)
         self.micro = micro
         self.accum = -(-batch // micro)  # ceil: the last micro-batch may be short; loss weights by tokens, not rows
-        optim = torch.optim.AdamW(model.parameters(), lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay, betas=(0.9, 0.99))
+        optim = torch.optim.AdamW(model.parameters(), lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay,
+                                  betas=(0.9, cfg.learner.adam_beta2), eps=cfg.learner.adam_eps)
         warm = cfg.learner.warmup_steps
         sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
         ds_config = {

@@ -17,7 +17,7 @@ def redis_servers():
 def test_train_end_to_end(ray_cluster, tiny_model, cache_dir, tmp_path):
     from scratchpad.cluster.train import train
 
-    cfg = small_config(cache_dir, "run.steps=3", "run.eval_every=2", "learner.lr=3e-3")
+    cfg = small_config(cache_dir, "run.steps=3", "run.eval_every=2", "learner.lr=3e-3", "reward.format_weight=0.5")
     servers_before = redis_servers()
     summary = train(cfg, tmp_path / "run", log=lambda *_: None)
     run = tmp_path / "run"

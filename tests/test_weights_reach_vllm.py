@@ -11,12 +11,11 @@ def test_learner_update_reaches_vllm(ray_cluster, tiny_model, cache_dir, tmp_pat
     from scratchpad.actors.engines import HFEngine
     from scratchpad.actors.rollout import RolloutWorker
     from scratchpad.actors.tasks import eval_set, train_stream
-    from scratchpad.cluster.buffer import BufferAddress, EmbeddedRedis
+    from scratchpad.cluster.buffer import BufferAddress, EmbeddedRedis, RedisBuffer
     from scratchpad.cluster.run import _free_port, actor_env
     from scratchpad.learner.learner import Learner
-    from scratchpad.rewards.scoring import RewardWorker
 
-    cfg = small_config(cache_dir, "learner.lr=3e-3", "task.eval_size=24")
+    cfg = small_config(cache_dir, "learner.lr=1e-2", "task.eval_size=24")
     redis = EmbeddedRedis(tmp_path / "redis").start()
     env = {"env_vars": actor_env(cfg)}
     actors = []
@@ -24,15 +23,18 @@ def test_learner_update_reaches_vllm(ray_cluster, tiny_model, cache_dir, tmp_pat
         address = BufferAddress(redis.url, "sp:weights:", 1000)
         rollout = ray.remote(RolloutWorker).options(num_cpus=1, runtime_env=env).remote(cfg, tiny_model)
         learner = ray.remote(Learner).options(num_cpus=1, runtime_env=env).remote(cfg, tiny_model, address, 0, 1, _free_port())
-        scorer = ray.remote(RewardWorker).options(num_cpus=0).remote(cfg.reward, address)
-        actors = [rollout, learner, scorer]
+        buffer = RedisBuffer(address)
+        actors = [rollout, learner]
         prompts = eval_set(cfg.task)
         stream = train_stream(cfg.task)
         before = [g.traces[0].completion_ids for g in ray.get(rollout.generate.remote(prompts, True))]
 
         for _ in range(3):  # three updates, so the change is visible in greedy outputs
-            groups = rollout.generate.remote([next(stream) for _ in range(cfg.rollout.prompts_per_step)])
-            ray.get(scorer.score_and_push.remote(groups))
+            groups = ray.get(rollout.generate.remote([next(stream) for _ in range(cfg.rollout.prompts_per_step)]))
+            for group in groups:  # distinct rewards within each group, so every update moves the weights
+                for k, trace in enumerate(group.traces):
+                    trace.reward = float(k)
+            buffer.put(groups)
             assert ray.get(learner.fill_batch.remote()) == 0
             metrics = ray.get(learner.train.remote())
             version = ray.get(rollout.update_weights.remote(learner.weights.remote()))

@@ -1,0 +1,97 @@
+"""Replay-buffer throughput: our put + read + ack against a bare redis-py XADD/XREADGROUP/XACK loop.
+
+Both run in the same process against the same embedded redis-server, on the same
+realistic groups (default 16 traces x 1,024 completion tokens with logprobs).
+Ours also encodes, decodes and validates every group; the bare loop ships
+pre-encoded bytes, so the ratio is what our records and accounting cost.
+Last printed line: JSON with groups_per_s, mb_per_s (ours) and overhead_ratio (ours / bare time).
+
+    python bench/buffer.py [--groups 400] [--traces 16] [--tokens 1024]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import time
+
+from scratchpad.cluster.buffer import LEARNER_GROUP, BufferAddress, EmbeddedRedis, RedisBuffer
+from scratchpad.cluster.records import Group, Trace, encode_group
+
+
+def make_group(i: int, traces: int, tokens: int, rng: random.Random) -> Group:
+    gid = f"bench-{i}"
+    prompt_ids = [rng.randrange(32000) for _ in range(128)]
+    return Group(group_id=gid, prompt_id=f"p{i}", policy_version=0, traces=[
+        Trace(trace_id=f"{gid}:{k}", group_id=gid, prompt_id=f"p{i}", prompt="x" * 400, prompt_ids=prompt_ids,
+              completion="y" * tokens * 3, completion_ids=[rng.randrange(32000) for _ in range(tokens)],
+              logprobs=[-rng.random() for _ in range(tokens)], finish_reason="stop", policy_version=0,
+              reference="42", thought="t" * tokens, answer="42", closed=True, reward=1.0, components={"correct": 1.0},
+              status="ok")
+        for k in range(traces)
+    ])
+
+
+def run_ours(buf: RedisBuffer, groups: list[Group], batch: int) -> float:
+    started = time.perf_counter()
+    for g in groups:
+        buf.put([g])
+    done = 0
+    while done < len(groups):
+        got = buf.read("bench", batch, 1000)
+        buf.ack([entry_id for entry_id, _ in got], trained=len(got), dropped={})
+        done += len(got)
+    return time.perf_counter() - started
+
+
+def run_bare(client, stream: str, payloads: list[bytes], batch: int, maxlen: int) -> float:
+    client.xgroup_create(stream, LEARNER_GROUP, id="0", mkstream=True)
+    started = time.perf_counter()
+    for p in payloads:
+        client.xadd(stream, {"g": p}, maxlen=maxlen, approximate=True)
+    done = 0
+    while done < len(payloads):
+        reply = client.xreadgroup(LEARNER_GROUP, "bench", {stream: ">"}, count=batch, block=1000)
+        ids = [entry_id for _, entries in reply for entry_id, _ in entries]
+        client.xack(stream, LEARNER_GROUP, *ids)
+        done += len(ids)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--groups", type=int, default=400)
+    parser.add_argument("--traces", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=16, help="groups per learner read")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    rng = random.Random(0)
+    groups = [make_group(i, args.traces, args.tokens, rng) for i in range(args.groups)]
+    payloads = [encode_group(g) for g in groups]
+    mb = sum(map(len, payloads)) / 1e6
+    with tempfile.TemporaryDirectory() as tmp:
+        server = EmbeddedRedis(tmp).start()
+        try:
+            ours, bare = [], []
+            for r in range(args.repeats):  # interleaved, best of each
+                buf = RedisBuffer(BufferAddress(server.url, f"sp:bench{r}:", 10 * args.groups))
+                buf.ensure_group()
+                ours.append(run_ours(buf, groups, args.batch))
+                bare.append(run_bare(buf.client, f"bare{r}:groups", payloads, args.batch, 10 * args.groups))
+                buf.client.flushdb()
+                print(f"repeat {r}: ours {ours[-1]:.2f}s bare {bare[-1]:.2f}s for {args.groups} groups, {mb:.1f} MB")
+        finally:
+            server.stop()
+    best_ours, best_bare = min(ours), min(bare)
+    print(json.dumps({
+        "groups": args.groups, "traces_per_group": args.traces, "tokens_per_trace": args.tokens,
+        "payload_mb": round(mb, 2), "groups_per_s": round(args.groups / best_ours, 1),
+        "mb_per_s": round(mb / best_ours, 1), "bare_mb_per_s": round(mb / best_bare, 1),
+        "overhead_ratio": round(best_ours / best_bare, 3),
+    }))
+
+
+if __name__ == "__main__":
+    main()
