@@ -141,7 +141,8 @@ class RedisBuffer:
             return 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on loopback (for the embedded server and the learner's process group)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -159,7 +160,7 @@ class EmbeddedRedis:
     def __init__(self, directory: str | Path, appendfsync: str = "everysec", port: int | None = None, password: str | None = None):
         self.directory = Path(directory)
         self.appendfsync = appendfsync
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.password = password or secrets.token_hex(16)
         self.process: subprocess.Popen | None = None
 

@@ -111,6 +111,8 @@ class LearnerConfig(_Section):
     kl_coef: float = Field(0.0, ge=0, le=100, description="Weight of the KL penalty to the frozen reference model; 0 loads no reference.")
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="Per-token KL estimator for the penalty.")
     grad_clip: float = Field(1.0, ge=0, le=1e6, description="Global gradient-norm clip; 0 disables.")
+    ppo_epochs: int = Field(1, ge=1, le=100, description="Passes over each batch; later passes are off-policy and the clip bounds them.")
+    minibatches: int = Field(1, ge=1, le=4096, description="Optimizer steps per pass; each takes prompts_per_step / minibatches whole groups.")
     micro_batch_size: int = Field(64, ge=1, le=65536, description="Sequences per forward/backward; gradients accumulate over a step.")
     zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage.")
     max_staleness: int = Field(0, ge=0, le=1000, description="Oldest policy version lag a trained group may have; 0 is strictly on-policy.")
@@ -216,6 +218,8 @@ def _check_consistency(cfg: ExperimentConfig, source: str) -> None:
         raise ConfigError(f"{source}: task.train_path is required when task.name is jsonl")
     if cfg.task.name != "jsonl" and (cfg.task.train_path or cfg.task.eval_path):
         raise ConfigError(f"{source}: task.train_path/eval_path are only read when task.name is jsonl")
+    if cfg.rollout.prompts_per_step % cfg.learner.minibatches:
+        raise ConfigError(f"{source}: learner.minibatches ({cfg.learner.minibatches}) must divide rollout.prompts_per_step ({cfg.rollout.prompts_per_step})")
     url = cfg.buffer.redis_url
     if url is not None and not url.startswith(("redis://", "rediss://")):
         raise ConfigError(f"{source}: buffer.redis_url must start with redis:// or rediss:// (got {url!r})")

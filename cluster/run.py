@@ -7,20 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import uuid
 from pathlib import Path
 
 import ray
 
-from scratchpad.cluster.buffer import BufferAddress, EmbeddedRedis, RedisBuffer
+from scratchpad.cluster.buffer import BufferAddress, EmbeddedRedis, RedisBuffer, free_port
 from scratchpad.cluster.config import ExperimentConfig
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def actor_env(cfg: ExperimentConfig) -> dict[str, str]:
@@ -102,7 +95,7 @@ class Cluster:
             for _ in range(cfg.reward.num_actors)
         ]
         self.learner = ray.remote(Learner).options(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus, runtime_env=env).remote(
-            cfg, self.model_path, self.address, 0, 1, _free_port()
+            cfg, self.model_path, self.address, 0, 1, free_port()
         )
         self.actors = [*self.rollouts, *self.rewarders, self.learner]
         ray.get([a.__ray_ready__.remote() for a in self.actors])

@@ -49,10 +49,10 @@ class Learner:
         self.reference = None
         if cfg.learner.kl_coef > 0:
             self.reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval().requires_grad_(False)
-        batch = cfg.rollout.prompts_per_step * cfg.rollout.n
+        batch = cfg.rollout.prompts_per_step * cfg.rollout.n // cfg.learner.minibatches  # rows per optimizer step
         micro = min(cfg.learner.micro_batch_size, batch)
         self.micro = micro
-        self.accum = -(-batch // micro)  # ceil: the last micro-batch may be short; loss weights by tokens, not rows
+        self.accum = -(-batch // micro)  # ceil: the last micro-batch may be short; the loss weights by its norm, not rows
         optim = torch.optim.AdamW(model.parameters(), lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay,
                                   betas=(0.9, cfg.learner.adam_beta2), eps=cfg.learner.adam_eps)
         warm = cfg.learner.warmup_steps
@@ -136,7 +136,7 @@ class Learner:
         return token_logprobs(picked, batch["targets"][rows]) * batch["mask"][rows]
 
     def train(self) -> dict[str, float]:
-        """One optimizer step on the filled batch; acks it and returns metrics."""
+        """ppo_epochs x minibatches optimizer steps on the filled batch; acks it and returns metrics."""
         assert self.batch, "train() called with an empty batch; call fill_batch() first"
         started = time.time()
         cfg = self.cfg.learner
@@ -144,38 +144,14 @@ class Learner:
         batch = self._tensors(groups)
         advantages = ADVANTAGES[cfg.algorithm](batch["rewards"], self.cfg.rollout.n)
         n = batch["input_ids"].shape[0]
-        norm = {"token_mean": float(batch["mask"].sum()), "seq_mean": float(n),
-                "seq_sum": float(n * self.cfg.rollout.max_new_tokens)}[cfg.loss_aggregation]
+        size = n // cfg.minibatches  # whole groups per minibatch: the config requires prompts_per_step % minibatches == 0
         sums: dict[str, float] = {}
-        grad_norm = 0.0
-        self.engine.train()
-        for k in range(self.accum):
-            rows = slice(k * self.micro, min(n, (k + 1) * self.micro))
-            if rows.start >= n:
-                break
-            logp = self._completion_logprobs(self.engine, batch, rows)
-            ref_logp = None
-            if self.reference is not None:
-                with torch.no_grad():
-                    ref_logp = self._completion_logprobs(self.reference, batch, rows)
-            mask = batch["mask"][rows]
-            # The loss is this micro-batch's share of the whole batch's loss (sum / batch norm), so the
-            # micro-batches add up exactly; DeepSpeed divides by gradient_accumulation_steps, so multiply back.
-            loss, stats = policy_loss(
-                logp, batch["old_logp"][rows], advantages[rows], mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                norm=norm, aggregation=cfg.loss_aggregation, dual_clip=cfg.dual_clip, ref_logp=ref_logp,
-                kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator,
-            )
-            self.engine.backward(loss * self.accum)
-            if self.engine.is_gradient_accumulation_boundary() and cfg.zero_stage == 0:
-                grad_norm = self._grad_norm()  # stage 0 leaves gradients on the parameters until step()
-            self.engine.step()
-            share = float(mask.sum() / batch["mask"].sum())
-            sums["loss"] = sums.get("loss", 0.0) + float(loss)
-            for name, value in stats.items():
-                sums[name] = sums.get(name, 0.0) + float(value) * share
-        if cfg.zero_stage > 0:
-            grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
+        for epoch in range(cfg.ppo_epochs):
+            for m in range(cfg.minibatches):
+                stats = self._optimizer_step(batch, advantages, range(m * size, (m + 1) * size))
+                for name, value in stats.items():
+                    if name != "logprob_gap" or epoch == 0:  # the gap compares the sampler with the weights that sampled
+                        sums[name] = sums.get(name, 0.0) + value / (cfg.minibatches * (cfg.ppo_epochs if name != "logprob_gap" else 1))
         ids = [entry_id for entry_id, _ in self.batch] + self.dropped_ids
         self.buffer.ack(ids, trained=len(self.batch), dropped=self.dropped_pending)
         lags = [self.version - g.policy_version for g in groups]
@@ -187,12 +163,46 @@ class Learner:
             "groups_trained": len(self.batch),
             "groups_dropped": sum(self.dropped_pending.values()),
             "policy_lag_mean": sum(lags) / len(lags),
-            "grad_norm": grad_norm,
             "learner_seconds": time.time() - started,
             "policy_version": self.version,
         }
         self.batch, self.dropped_pending, self.dropped_ids = [], {}, []
         return metrics
+
+    def _optimizer_step(self, batch: dict[str, torch.Tensor], advantages: torch.Tensor, rows_range: range) -> dict[str, float]:
+        """Forward/backward over `rows_range` in micro-batches, then one optimizer step."""
+        cfg = self.cfg.learner
+        mask_all = batch["mask"][rows_range.start:rows_range.stop]
+        norm = {"token_mean": float(mask_all.sum()), "seq_mean": float(len(rows_range)),
+                "seq_sum": float(len(rows_range) * self.cfg.rollout.max_new_tokens)}[cfg.loss_aggregation]
+        sums: dict[str, float] = {}
+        self.engine.train()
+        for start in range(rows_range.start, rows_range.stop, self.micro):
+            rows = slice(start, min(rows_range.stop, start + self.micro))
+            logp = self._completion_logprobs(self.engine, batch, rows)
+            ref_logp = None
+            if self.reference is not None:
+                with torch.no_grad():
+                    ref_logp = self._completion_logprobs(self.reference, batch, rows)
+            mask = batch["mask"][rows]
+            # Each micro-batch's loss is its share of the minibatch loss (sum / minibatch norm), so the parts add
+            # up exactly; DeepSpeed divides by gradient_accumulation_steps in backward, so multiply it back.
+            loss, stats = policy_loss(
+                logp, batch["old_logp"][rows], advantages[rows], mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                norm=norm, aggregation=cfg.loss_aggregation, dual_clip=cfg.dual_clip, ref_logp=ref_logp,
+                kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator,
+            )
+            self.engine.backward(loss * self.accum)
+            if self.engine.is_gradient_accumulation_boundary():
+                sums["grad_norm"] = self._grad_norm()
+            self.engine.step()
+            share = float(mask.sum() / mask_all.sum())
+            sums["loss"] = sums.get("loss", 0.0) + float(loss)
+            for name, value in stats.items():
+                sums[name] = sums.get(name, 0.0) + float(value) * share
+        if cfg.zero_stage > 0:
+            sums["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        return sums
 
     def _grad_norm(self) -> float:
         """Global gradient norm before clipping, from the parameters' .grad (ZeRO stage 0)."""

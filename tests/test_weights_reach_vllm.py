@@ -11,8 +11,8 @@ def test_learner_update_reaches_vllm(ray_cluster, tiny_model, cache_dir, tmp_pat
     from scratchpad.actors.engines import HFEngine
     from scratchpad.actors.rollout import RolloutWorker
     from scratchpad.actors.tasks import eval_set, train_stream
-    from scratchpad.cluster.buffer import BufferAddress, EmbeddedRedis, RedisBuffer
-    from scratchpad.cluster.run import _free_port, actor_env
+    from scratchpad.cluster.buffer import BufferAddress, EmbeddedRedis, RedisBuffer, free_port
+    from scratchpad.cluster.run import actor_env
     from scratchpad.learner.learner import Learner
 
     cfg = small_config(cache_dir, "learner.lr=1e-2", "task.eval_size=24")
@@ -22,7 +22,7 @@ def test_learner_update_reaches_vllm(ray_cluster, tiny_model, cache_dir, tmp_pat
     try:
         address = BufferAddress(redis.url, "sp:weights:", 1000)
         rollout = ray.remote(RolloutWorker).options(num_cpus=1, runtime_env=env).remote(cfg, tiny_model)
-        learner = ray.remote(Learner).options(num_cpus=1, runtime_env=env).remote(cfg, tiny_model, address, 0, 1, _free_port())
+        learner = ray.remote(Learner).options(num_cpus=1, runtime_env=env).remote(cfg, tiny_model, address, 0, 1, free_port())
         buffer = RedisBuffer(address)
         actors = [rollout, learner]
         prompts = eval_set(cfg.task)
