@@ -73,9 +73,12 @@ class RedisBuffer:
         results = pipe.execute()
         return [r.decode() for r in results[: len(groups)]]
 
-    def read(self, consumer: str, count: int, block_ms: int) -> list[tuple[str, Group]]:
-        """Up to `count` new groups for this consumer. Malformed entries go to the dead-letter stream."""
-        reply = self.client.xreadgroup(LEARNER_GROUP, consumer, {self.stream: ">"}, count=count, block=block_ms)
+    def read(self, consumer: str, count: int, block_ms: int, pending: bool = False) -> list[tuple[str, Group]]:
+        """Up to `count` groups for this consumer: new ones, or with `pending` the ones it was handed before
+        and never acknowledged (after a crash: what the last checkpoint does not contain). Malformed entries
+        go to the dead-letter stream."""
+        start = "0" if pending else ">"
+        reply = self.client.xreadgroup(LEARNER_GROUP, consumer, {self.stream: start}, count=count, block=None if pending else block_ms)
         good = []
         for _stream, entries in reply or []:
             for entry_id, fields in entries:
@@ -163,6 +166,13 @@ class EmbeddedRedis:
         self.port = port or free_port()
         self.password = password or secrets.token_hex(16)
         self.process: subprocess.Popen | None = None
+
+    @classmethod
+    def reopen(cls, directory: str | Path) -> "EmbeddedRedis":
+        """A server for an existing run directory: same password, same AOF, so the stream and counters come back."""
+        conf = Path(directory) / "redis.conf"
+        settings = dict(line.split(" ", 1) for line in conf.read_text().splitlines() if " " in line)
+        return cls(directory, settings.get("appendfsync", "everysec"), password=settings["requirepass"])
 
     @property
     def url(self) -> str:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -15,22 +14,18 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scratchpad", description="Teach a language model to think before it answers.")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="run an experiment locally (or on the Ray cluster in run.ray_address)")
-    train.add_argument("config", help="YAML experiment, e.g. configs/quickstart.yaml")
+    train.add_argument("config", nargs="?", help="YAML experiment, e.g. configs/quickstart.yaml (with --resume: the run's own)")
     train.add_argument("overrides", nargs="*", help="key.sub=value settings that override the YAML")
     train.add_argument("--run-dir", help="where outputs go (default runs/<name>-<time>)")
     train.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its newest checkpoint")
     make = sub.add_parser("make-model", help="build (or find cached) the tiny model a config names; prints its path")
     make.add_argument("config", nargs="?", help="YAML experiment (default: built-in defaults)")
     make.add_argument("overrides", nargs="*", help="key.sub=value settings that override the YAML")
     make.add_argument("--force", action="store_true", help="rebuild even if cached")
-    status = sub.add_parser("status", help="print a run's summary and buffer counters")
+    status = sub.add_parser("status", help="print a run's buffer counters and whether produced = trained + dropped + in flight")
     status.add_argument("run_dir")
     return parser
-
-
-def _terminate_as_interrupt(signum, frame):
-    """SIGTERM (as `ray job stop` sends) unwinds like Ctrl-C, so every started process is stopped."""
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,20 +59,33 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args) -> int:
-    cfg = load_config(args.config, args.overrides)
+    if args.resume:
+        from scratchpad.cluster.train import latest_checkpoint
+
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").exists():
+            raise ConfigError(f"--resume {run_dir}: not a run directory (no config.yaml)")
+        if latest_checkpoint(run_dir) is None:
+            raise ConfigError(f"--resume {run_dir}: no checkpoint to resume from (set run.checkpoint_every)")
+        cfg = load_config(args.config or run_dir / "config.yaml", args.overrides)
+    else:
+        if args.config is None:
+            raise ConfigError("train: give a CONFIG, or --resume RUN_DIR")
+        cfg = load_config(args.config, args.overrides)
+        run_dir = Path(args.run_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if args.dry_run:
         print(dump_config(cfg), end="")
         return 0
-    run_dir = Path(args.run_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--run-dir {run_dir}: exists and is not a directory")
     if (run_dir / "summary.json").exists():
-        raise ConfigError(f"--run-dir {run_dir}: holds a finished run; choose a new directory")
+        raise ConfigError(f"{run_dir}: holds a finished run; choose a new directory")
+    if not args.resume and (run_dir / "run.json").exists():
+        raise ConfigError(f"--run-dir {run_dir}: holds a started run; continue it with --resume {run_dir}")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     from scratchpad.cluster.train import train
 
-    summary = train(cfg, run_dir)
+    summary = train(cfg, run_dir, resume=bool(args.resume))
     print(
         f"done in {summary['wall_seconds']:.0f}s: held-out accuracy {summary['accuracy_before']:.3f} -> "
         f"{summary['accuracy_after']:.3f}; outputs in {run_dir}"
@@ -86,16 +94,30 @@ def _train(args) -> int:
 
 
 def _status(run_dir: Path) -> int:
+    """The run's buffer counters, read back from its Redis (the embedded one is restarted on its AOF)."""
     import json
 
-    summary = run_dir / "summary.json"
-    if not summary.exists():
-        raise ConfigError(f"{run_dir}: no summary.json (not a finished run directory)")
-    data = json.loads(summary.read_text())
-    for key in ("accuracy_before", "accuracy_after", "steps", "groups_produced", "groups_trained", "groups_dropped",
-                "groups_in_flight", "invariant_holds", "wall_seconds"):
-        print(f"{key}: {data.get(key)}")
-    return 0
+    from scratchpad.cluster.buffer import BufferAddress, EmbeddedRedis, RedisBuffer
+
+    ident_path, cfg_path = run_dir / "run.json", run_dir / "config.yaml"
+    if not ident_path.exists() or not cfg_path.exists():
+        raise ConfigError(f"{run_dir}: not a run directory (no run.json or config.yaml)")
+    cfg = load_config(cfg_path)
+    server = None
+    url = cfg.buffer.redis_url
+    if url is None:
+        server = EmbeddedRedis.reopen(run_dir / "redis").start()
+        url = server.url
+    try:
+        counters = RedisBuffer(BufferAddress(url, json.loads(ident_path.read_text())["prefix"], cfg.buffer.maxlen)).counters()
+    finally:
+        if server is not None:
+            server.stop()
+    for key, value in counters.items():
+        print(f"{key}: {value}")
+    print(f"produced {counters['produced']} = trained {counters['trained']} + dropped {counters['dropped']} + "
+          f"in flight {counters['in_flight']}: {'holds' if counters['invariant_holds'] else 'VIOLATED'}")
+    return 0 if counters["invariant_holds"] else 1
 
 
 if __name__ == "__main__":

@@ -126,7 +126,8 @@ class RunConfig(_Section):
 
     steps: int = Field(100, ge=0, le=10_000_000, description="Learner steps (one policy version each).")
     eval_every: int = Field(25, ge=0, le=10_000_000, description="Greedy held-out evaluation every this many steps; 0 evaluates only before and after.")
-    checkpoint_every: int = Field(0, ge=0, le=10_000_000, description="DeepSpeed checkpoint every this many steps; 0 writes only the final model.")
+    checkpoint_every: int = Field(0, ge=0, le=10_000_000, description="DeepSpeed checkpoint (model, optimizer, scheduler, version, RNG) every this many steps; 0 writes only the final HF model.")
+    keep_checkpoints: int = Field(2, ge=1, le=1000, description="How many of the newest checkpoints to keep in RUN_DIR/checkpoints.")
     sample_traces: int = Field(4, ge=0, le=100000, description="Traces per step written to traces.jsonl for reading.")
     ray_address: str | None = Field(None, description="Address of a Ray cluster to join; null starts a private local one.")
     num_cpus: int | None = Field(None, ge=1, le=100000, description="CPUs a private local Ray cluster may use; null uses all of the machine's.")

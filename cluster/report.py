@@ -15,8 +15,8 @@ def plot(run_dir: Path, history: list[dict], evals: list[dict]) -> Path:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     steps = [r["step"] for r in history]
-    left.plot(steps, [r["reward"] for r in history], label="train reward", color="tab:blue", alpha=0.6)
-    left.plot(steps, [r["accuracy"] for r in history], label="train accuracy (sampled)", color="tab:orange", alpha=0.6)
+    left.plot(steps, [r.get("reward", float("nan")) for r in history], label="train reward", color="tab:blue", alpha=0.6)
+    left.plot(steps, [r.get("accuracy", float("nan")) for r in history], label="train accuracy (sampled)", color="tab:orange", alpha=0.6)
     left.plot([e["step"] for e in evals], [e["accuracy"] for e in evals], "o-", label="held-out accuracy (greedy)", color="tab:green")
     left.set_xlabel("learner step")
     left.set_ylim(-0.02, 1.02)

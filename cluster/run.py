@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import uuid
 from pathlib import Path
 
@@ -14,6 +16,11 @@ import ray
 
 from scratchpad.cluster.buffer import BufferAddress, EmbeddedRedis, RedisBuffer, free_port
 from scratchpad.cluster.config import ExperimentConfig
+
+
+def _terminate_as_interrupt(signum, frame):
+    """SIGTERM (as `ray job stop` sends) unwinds like Ctrl-C: checkpoint, then stop every started process."""
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def actor_env(cfg: ExperimentConfig) -> dict[str, str]:
@@ -46,8 +53,8 @@ def run_identity(run_dir: Path, name: str) -> dict:
 class Cluster:
     """The run's processes. Use as a context manager; everything started is stopped on exit."""
 
-    def __init__(self, cfg: ExperimentConfig, run_dir: Path, model_path: str):
-        self.cfg, self.run_dir, self.model_path = cfg, run_dir, model_path
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path, model_path: str, resume_from: str | None = None):
+        self.cfg, self.run_dir, self.model_path, self.resume_from = cfg, run_dir, model_path, resume_from
         self.redis: EmbeddedRedis | None = None
         self.started_ray = False
         self.actors: list = []
@@ -65,7 +72,10 @@ class Cluster:
         ident = run_identity(self.run_dir, cfg.name)
         url = cfg.buffer.redis_url
         if url is None:
-            self.redis = EmbeddedRedis(self.run_dir / "redis", cfg.buffer.appendfsync).start()
+            directory = self.run_dir / "redis"
+            # A run directory that already has a server (a resumed run) gets it back: same password, same AOF.
+            self.redis = (EmbeddedRedis.reopen(directory) if (directory / "redis.conf").exists()
+                          else EmbeddedRedis(directory, cfg.buffer.appendfsync)).start()
             url = self.redis.url
         self.address = BufferAddress(url=url, prefix=ident["prefix"], maxlen=cfg.buffer.maxlen)
         self.buffer = RedisBuffer(self.address)
@@ -76,6 +86,8 @@ class Cluster:
             else:
                 ray.init(address="local", num_cpus=cfg.run.num_cpus, include_dashboard=False, log_to_driver=True)
                 self.started_ray = True
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _terminate_as_interrupt)  # after ray.init, which installs its own
         self._start_actors()
 
     def _start_actors(self) -> None:
@@ -95,7 +107,7 @@ class Cluster:
             for _ in range(cfg.reward.num_actors)
         ]
         self.learner = ray.remote(Learner).options(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus, runtime_env=env).remote(
-            cfg, self.model_path, self.address, 0, 1, free_port()
+            cfg, self.model_path, self.address, 0, 1, free_port(), self.resume_from
         )
         self.actors = [*self.rollouts, *self.rewarders, self.learner]
         ray.get([a.__ray_ready__.remote() for a in self.actors])

@@ -80,49 +80,105 @@ def sync_weights(cluster: Cluster) -> int:
     return min(versions)
 
 
-def train(cfg: ExperimentConfig, run_dir: Path, log=print) -> dict:
+class RunLog:
+    """The run directory's append-only records. On resume, rows past the checkpoint are dropped (those steps are redone)."""
+
+    FILES = ("metrics", "evals", "trained", "traces")
+
+    def __init__(self, run_dir: Path, resume_step: int | None):
+        self.run_dir = run_dir
+        if resume_step is not None:
+            for name in self.FILES:
+                path = run_dir / f"{name}.jsonl"
+                rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step] if path.exists() else []
+                path.write_text("".join(row + "\n" for row in rows))
+        self.handles = {name: open(run_dir / f"{name}.jsonl", "a") for name in self.FILES}
+
+    def write(self, name: str, row: dict) -> None:
+        self.handles[name].write(json.dumps(row) + "\n")
+        self.handles[name].flush()
+
+    def read(self, name: str) -> list[dict]:
+        return [json.loads(line) for line in (self.run_dir / f"{name}.jsonl").read_text().splitlines()]
+
+    def close(self) -> None:
+        for handle in self.handles.values():
+            handle.close()
+
+
+def latest_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
+    steps = sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*"))
+    return (run_dir / "checkpoints" / f"step-{steps[-1]}", steps[-1]) if steps else None
+
+
+def train(cfg: ExperimentConfig, run_dir: Path, log=print, resume: bool = False) -> dict:
+    """Run (or, with `resume`, continue from the newest checkpoint in run_dir) and return the summary."""
     started = time.time()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    point = latest_checkpoint(run_dir) if resume else None
+    first = point[1] + 1 if point else 1
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     model_path = resolve_model(cfg, log=log)
     stream, held_out = train_stream(cfg.task), eval_set(cfg.task)
-    history: list[dict] = []
-    evals: list[dict] = []
-    with Cluster(cfg, run_dir, model_path) as cluster, open(run_dir / "metrics.jsonl", "a") as metrics, \
-            open(run_dir / "traces.jsonl", "a") as trace_log:
-        log(f"cluster up in {time.time() - started:.1f}s; evaluating {len(held_out)} held-out prompts")
-        evals.append({"step": 0, "wall": time.time() - started, **evaluate(cluster, held_out)})
-        log(f"step 0 held-out accuracy {evals[-1]['accuracy']:.3f}")
-        for step in range(1, cfg.run.steps + 1):
-            timer, step_started = Timer(), time.time()
-            produced, need = [], cfg.rollout.prompts_per_step
-            while need > 0:
-                produced.append(produce(cluster, [next(stream) for _ in range(need)], timer, cfg.run.sample_traces))
-                with timer.phase("fill"):
-                    need = ray.get(cluster.learner.fill_batch.remote())
-            with timer.phase("train"):
-                learned = ray.get(cluster.learner.train.remote())
-            with timer.phase("sync"):
-                sync_weights(cluster)
-            record = step_record(step, started, step_started, timer, produced, learned)
-            for t in produced[0]["samples"]:
-                trace_log.write(json.dumps({"step": step, **t}) + "\n")
-            if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < cfg.run.steps:
-                evals.append({"step": step, "wall": time.time() - started, **evaluate(cluster, held_out)})
-                record["eval_accuracy"] = evals[-1]["accuracy"]
-            history.append(record)
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-            log(format_step(record, cfg.run.steps))
-        evals.append({"step": cfg.run.steps, "wall": time.time() - started, **evaluate(cluster, held_out)})
-        log(f"step {cfg.run.steps} held-out accuracy {evals[-1]['accuracy']:.3f}")
-        ray.get(cluster.learner.save_pretrained.remote(str(run_dir / "final")))
-        counters = cluster.buffer.counters()
-    return write_outputs(run_dir, cfg, history, evals, counters, time.time() - started)
+    runlog = RunLog(run_dir, point[1] if point else None)
+    try:
+        with Cluster(cfg, run_dir, model_path, resume_from=str(point[0]) if point else None) as cluster:
+            for _ in range(cluster.buffer.counters()["produced"] if point else 0):
+                next(stream)  # prompts already sampled into the buffer are not sampled again
+            if point:
+                sync_weights(cluster)  # the engines start from the checkpoint's weights and version
+                log(f"resumed at step {point[1]} from {point[0]}")
+            else:
+                runlog.write("evals", {"step": 0, "wall": time.time() - started, **evaluate(cluster, held_out)})
+            log(f"cluster up in {time.time() - started:.1f}s; held-out accuracy at step {first - 1}: {runlog.read('evals')[-1]['accuracy']:.3f}")
+            try:
+                for step in range(first, cfg.run.steps + 1):
+                    run_step(cfg, cluster, run_dir, runlog, stream, held_out, step, started, log)
+            except KeyboardInterrupt:
+                # Ctrl-C or SIGTERM (`ray job stop` allows ~3 s): keep what was learned, then unwind and stop everything.
+                log("interrupted: writing a checkpoint")
+                ray.get(cluster.learner.save_checkpoint.remote(str(run_dir / "checkpoints"), cfg.run.keep_checkpoints))
+                raise
+            runlog.write("evals", {"step": cfg.run.steps, "wall": time.time() - started, **evaluate(cluster, held_out)})
+            log(f"step {cfg.run.steps} held-out accuracy {runlog.read('evals')[-1]['accuracy']:.3f}")
+            ray.get(cluster.learner.save_pretrained.remote(str(run_dir / "final")))
+            counters = cluster.buffer.counters()
+    finally:
+        runlog.close()
+    return write_outputs(run_dir, cfg, runlog.read("metrics"), runlog.read("evals"), counters, time.time() - started)
+
+
+def run_step(cfg: ExperimentConfig, cluster: Cluster, run_dir: Path, runlog: RunLog, stream, held_out: list, step: int,
+             started: float, log) -> None:
+    """One step: produce until the learner's batch is full -> train -> sync -> checkpoint -> records."""
+    timer, step_started = Timer(), time.time()
+    produced = []
+    with timer.phase("fill"):  # a resumed learner first re-trains what its checkpoint lacks
+        need = ray.get(cluster.learner.fill_batch.remote(1))
+    while need > 0:
+        produced.append(produce(cluster, [next(stream) for _ in range(need)], timer, cfg.run.sample_traces))
+        with timer.phase("fill"):
+            need = ray.get(cluster.learner.fill_batch.remote())
+    with timer.phase("train"):
+        learned = ray.get(cluster.learner.train.remote())
+    with timer.phase("sync"):
+        sync_weights(cluster)
+    if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0:
+        with timer.phase("checkpoint"):
+            ray.get(cluster.learner.save_checkpoint.remote(str(run_dir / "checkpoints"), cfg.run.keep_checkpoints))
+    runlog.write("trained", {"step": step, "policy_version": learned["policy_version"], "groups": learned.pop("group_ids")})
+    record = step_record(step, started, step_started, timer, produced, learned)
+    for t in (produced[0]["samples"] if produced else []):
+        runlog.write("traces", {"step": step, **t})
+    if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < cfg.run.steps:
+        runlog.write("evals", {"step": step, "wall": time.time() - started, **evaluate(cluster, held_out)})
+        record["eval_accuracy"] = runlog.read("evals")[-1]["accuracy"]
+    runlog.write("metrics", record)
+    log(format_step(record, cfg.run.steps))
 
 
 def step_record(step: int, started: float, step_started: float, timer: Timer, produced: list[dict], learned: dict) -> dict:
-    first = produced[0]
+    first = produced[0] if produced else {}
     gen_seconds = timer.seconds["generate"]
     return {
         "step": step,
@@ -136,7 +192,7 @@ def step_record(step: int, started: float, step_started: float, timer: Timer, pr
 
 
 def format_step(r: dict, steps: int) -> str:
-    return (f"step {r['step']}/{steps} reward {r['reward']:.3f} acc {r['accuracy']:.3f} loss {r['loss']:+.4f} "
+    return (f"step {r['step']}/{steps} reward {r.get('reward', float('nan')):.3f} acc {r.get('accuracy', float('nan')):.3f} loss {r['loss']:+.4f} "
             f"tok/s {r['tokens_per_s']:.0f} step {r['step_seconds']:.2f}s"
             + (f" held-out {r['eval_accuracy']:.3f}" if "eval_accuracy" in r else ""))
 

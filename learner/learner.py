@@ -30,7 +30,8 @@ def _init_distributed(rank: int, world_size: int, master_port: int) -> None:
 
 
 class Learner:
-    def __init__(self, cfg: ExperimentConfig, model_path: str, buffer: BufferAddress, rank: int = 0, world_size: int = 1, master_port: int = 29500):
+    def __init__(self, cfg: ExperimentConfig, model_path: str, buffer: BufferAddress, rank: int = 0, world_size: int = 1,
+                 master_port: int = 29500, resume_from: str | None = None):
         import deepspeed
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -72,6 +73,15 @@ class Learner:
         self.batch: list[tuple[str, Group]] = []
         self.dropped_pending: dict[str, int] = {}
         self.dropped_ids: list[str] = []
+        # Entries trained (or dropped) since the last checkpoint: acknowledged only once a checkpoint holds their
+        # update, so a crash re-delivers exactly them. Without checkpoints (checkpoint_every 0) each step acks.
+        self.unacked_ids: list[str] = []
+        self.unacked_trained = 0
+        self.unacked_dropped: dict[str, int] = {}
+        self.replay: list[tuple[str, Group]] = []  # after a resume: entries the checkpoint does not contain
+        if resume_from:
+            self._load(resume_from)
+            self.replay = self.buffer.read(self.consumer, 1_000_000, 0, pending=True)
 
     # ---- batch assembly -------------------------------------------------------------------
 
@@ -80,7 +90,10 @@ class Learner:
         want = self.cfg.rollout.prompts_per_step - len(self.batch)
         if want <= 0:
             return 0
-        for entry_id, group in self.buffer.read(self.consumer, want, block_ms):
+        entries, self.replay = self.replay[:want], self.replay[want:]
+        if not entries:
+            entries = self.buffer.read(self.consumer, want, block_ms)
+        for entry_id, group in entries:
             reason = self._drop_reason(group)
             if reason:
                 self.dropped_pending[reason] = self.dropped_pending.get(reason, 0) + 1
@@ -152,8 +165,12 @@ class Learner:
                 for name, value in stats.items():
                     if name != "logprob_gap" or epoch == 0:  # the gap compares the sampler with the weights that sampled
                         sums[name] = sums.get(name, 0.0) + value / (cfg.minibatches * (cfg.ppo_epochs if name != "logprob_gap" else 1))
-        ids = [entry_id for entry_id, _ in self.batch] + self.dropped_ids
-        self.buffer.ack(ids, trained=len(self.batch), dropped=self.dropped_pending)
+        self.unacked_ids += [entry_id for entry_id, _ in self.batch] + self.dropped_ids
+        self.unacked_trained += len(self.batch)
+        for reason, count in self.dropped_pending.items():
+            self.unacked_dropped[reason] = self.unacked_dropped.get(reason, 0) + count
+        if not self.cfg.run.checkpoint_every:
+            self._ack()
         lags = [self.version - g.policy_version for g in groups]
         self.version += 1
         metrics = {
@@ -165,6 +182,7 @@ class Learner:
             "policy_lag_mean": sum(lags) / len(lags),
             "learner_seconds": time.time() - started,
             "policy_version": self.version,
+            "group_ids": [g.group_id for g in groups],  # the audit trail for "nothing lost, nothing trained twice"
         }
         self.batch, self.dropped_pending, self.dropped_ids = [], {}, []
         return metrics
@@ -221,8 +239,43 @@ class Learner:
         self.tokenizer.save_pretrained(directory)
         return directory
 
-    def save_checkpoint(self, directory: str) -> None:
-        self.engine.save_checkpoint(directory, client_state={"policy_version": self.version})
+    def _ack(self) -> None:
+        self.buffer.ack(self.unacked_ids, trained=self.unacked_trained, dropped=self.unacked_dropped)
+        self.unacked_ids, self.unacked_trained, self.unacked_dropped = [], 0, {}
+
+    def _load(self, path: str) -> None:
+        import random
+
+        import numpy as np
+
+        _, state = self.engine.load_checkpoint(path, tag="state")
+        self.version = state["policy_version"]
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        np.random.set_state(state["numpy_rng"])
+
+    def save_checkpoint(self, root: str, keep: int) -> str:
+        """DeepSpeed checkpoint (model, optimizer, scheduler, policy version, RNG) written under a temporary
+        name and renamed into place, so a crash never leaves a half-written `step-N`; keeps the last `keep`."""
+        import random
+        import shutil
+
+        import numpy as np
+
+        final = os.path.join(root, f"step-{self.version}")
+        tmp = os.path.join(root, f".tmp-step-{self.version}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        state = {"policy_version": self.version, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                 "numpy_rng": np.random.get_state()}
+        self.engine.save_checkpoint(tmp, tag="state", client_state=state)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        done = sorted((d for d in os.listdir(root) if d.startswith("step-")), key=lambda d: int(d.split("-")[1]))
+        for old in done[:-keep]:
+            shutil.rmtree(os.path.join(root, old))
+        self._ack()  # only now does a checkpoint hold these entries' updates
+        return final
 
     def close(self) -> None:
         if torch.distributed.is_initialized():

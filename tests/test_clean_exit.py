@@ -1,4 +1,5 @@
-"""`scratchpad train` leaves no redis-server, Ray or vLLM process behind, also after Ctrl-C."""
+"""SIGTERM (as `ray job stop` sends) or Ctrl-C: a checkpoint is written, no redis-server, Ray or vLLM process
+is left behind, and `scratchpad train --resume` reaches the step count."""
 import json
 import os
 import signal
@@ -12,18 +13,18 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
-def test_ctrl_c_stops_everything(tiny_model, cache_dir, tmp_path):
+def test_sigterm_checkpoints_stops_everything_and_resumes(tiny_model, cache_dir, tmp_path):
     run_dir = tmp_path / "run"
     overrides = [
         f"model.cache_dir={cache_dir}", "model.tiny.hidden_size=64", "model.tiny.num_heads=2", "model.tiny.num_layers=2",
         "model.tiny.intermediate_size=256", "model.tiny.warmstart_steps=150", "task.max_len=5", "task.eval_size=8",
-        "rollout.prompts_per_step=2", "rollout.n=2", "rollout.max_new_tokens=32", "run.steps=100000", "run.num_cpus=2",
+        "rollout.prompts_per_step=2", "rollout.n=2", "rollout.max_new_tokens=32", "run.steps=8", "run.eval_every=0", "run.num_cpus=2",
     ]
     env = {**os.environ, "SCRATCHPAD_CACHE": str(cache_dir)}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.Popen([sys.executable, "-m", "scratchpad.cluster.cli", "train", "configs/quickstart.yaml",
                              "--run-dir", str(run_dir), *overrides],
-                            cwd=os.path.dirname(os.path.dirname(__file__)), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 240
         metrics = run_dir / "metrics.jsonl"
@@ -34,13 +35,23 @@ def test_ctrl_c_stops_everything(tiny_model, cache_dir, tmp_path):
         children = psutil.Process(proc.pid).children(recursive=True)
         names = " ".join(c.name() for c in children)
         assert "redis-server" in names and "raylet" in names and any("Rollout" in c.name() for c in children), names
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 130
         time.sleep(1)
         alive = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
         assert not alive, [f"{c.pid} {c.name()}" for c in alive]
         assert "interrupted" in proc.stderr.read()
-        assert all(json.loads(line)["step"] >= 1 for line in metrics.read_text().splitlines())
+        checkpoints = sorted((run_dir / "checkpoints").glob("step-*"))
+        assert checkpoints, "no checkpoint was written on SIGTERM"
+        assert int(checkpoints[-1].name.split("-")[1]) >= 2
     finally:
         if proc.poll() is None:
             proc.kill()
+
+    resumed = subprocess.run([sys.executable, "-m", "scratchpad.cluster.cli", "train", "--resume", str(run_dir)],
+                             cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["policy_version"] == 8 and summary["invariant_holds"]
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, 9))

@@ -14,10 +14,11 @@ def redis_servers():
     return {p.pid for p in psutil.process_iter(["name"]) if (p.info["name"] or "").startswith("redis-server")}
 
 
-def test_train_end_to_end(ray_cluster, tiny_model, cache_dir, tmp_path):
+def test_train_end_to_end(ray_cluster, tiny_model, cache_dir, tmp_path, capsys):
     from scratchpad.cluster.train import train
 
-    cfg = small_config(cache_dir, "run.steps=3", "run.eval_every=2", "learner.lr=3e-3", "reward.format_weight=0.5")
+    cfg = small_config(cache_dir, "run.steps=3", "run.eval_every=2", "learner.lr=3e-3", "reward.format_weight=0.5",
+                       "run.checkpoint_every=1", "run.keep_checkpoints=2")
     servers_before = redis_servers()
     summary = train(cfg, tmp_path / "run", log=lambda *_: None)
     run = tmp_path / "run"
@@ -44,5 +45,15 @@ def test_train_end_to_end(ray_cluster, tiny_model, cache_dir, tmp_path):
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(run / "final")
 
+    # Checkpoints: written atomically, only the newest two kept.
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2", "step-3"]
+    assert (run / "checkpoints" / "step-3" / "state").is_dir()
+
     # Nothing left behind.
+    assert redis_servers() == servers_before
+
+    # The counters survive in the run's Redis AOF: `scratchpad status` reads them back.
+    from scratchpad.cluster.cli import main
+    assert main(["status", str(run)]) == 0
+    assert f"trained {summary['groups_trained']}" in capsys.readouterr().out
     assert redis_servers() == servers_before
