@@ -13,6 +13,7 @@ import secrets
 import signal
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,16 +79,23 @@ class RedisBuffer:
         and never acknowledged (after a crash: what the last checkpoint does not contain). Malformed entries
         go to the dead-letter stream."""
         start = "0" if pending else ">"
-        reply = self.client.xreadgroup(LEARNER_GROUP, consumer, {self.stream: start}, count=count, block=None if pending else block_ms)
-        good = []
-        for _stream, entries in reply or []:
+        good: list[tuple[str, Group]] = []
+        while not good:  # a read that held only malformed entries is not the end of the stream: read on
+            reply = self.client.xreadgroup(LEARNER_GROUP, consumer, {self.stream: start}, count=count,
+                                           block=None if pending else block_ms)
+            entries = [e for _stream, part in reply or [] for e in part]
+            if not entries:
+                break
             for entry_id, fields in entries:
                 entry_id = entry_id.decode()
                 try:
-                    payload = fields[b"g"]
-                    good.append((entry_id, decode_group(payload)))
-                except (KeyError, ValueError) as exc:
-                    self.dead_letter(entry_id, fields, str(exc) if not isinstance(exc, KeyError) else "missing field g")
+                    good.append((entry_id, decode_group(fields[b"g"])))
+                except KeyError:
+                    self.dead_letter(entry_id, fields, "missing field g")
+                except ValueError as exc:
+                    self.dead_letter(entry_id, fields, str(exc))
+            if pending:
+                break  # dead letters were acked, so "0" now starts past them; one pass reads all that is pending
         return good
 
     def dead_letter(self, entry_id: str, fields: dict, reason: str) -> None:
@@ -166,6 +174,8 @@ class EmbeddedRedis:
         self.port = port or free_port()
         self.password = password or secrets.token_hex(16)
         self.process: subprocess.Popen | None = None
+        self.restarts = 0  # times the watchdog brought the server back
+        self._stopping = threading.Event()
 
     @classmethod
     def reopen(cls, directory: str | Path) -> "EmbeddedRedis":
@@ -213,7 +223,19 @@ class EmbeddedRedis:
                     raise RuntimeError(f"embedded redis-server failed to start; see {self.directory / 'redis.log'}") from None
                 time.sleep(0.05)
 
+    def watch(self, interval_s: float = 0.2) -> "EmbeddedRedis":
+        """Restart the server (same port, password and AOF) whenever it dies: clients ride the gap on retries."""
+        def loop():
+            while not self._stopping.wait(interval_s):
+                if self.process is not None and self.process.poll() is not None and not self._stopping.is_set():
+                    self.restarts += 1
+                    self.start()
+
+        threading.Thread(target=loop, daemon=True, name="redis-watchdog").start()
+        return self
+
     def stop(self) -> None:
+        self._stopping.set()
         if self.process is None or self.process.poll() is not None:
             return
         self.process.terminate()

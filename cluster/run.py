@@ -16,6 +16,7 @@ import ray
 
 from scratchpad.cluster.buffer import BufferAddress, EmbeddedRedis, RedisBuffer, free_port
 from scratchpad.cluster.config import ExperimentConfig
+from scratchpad.cluster.metrics import RayMetrics
 
 
 def _terminate_as_interrupt(signum, frame):
@@ -75,7 +76,7 @@ class Cluster:
             directory = self.run_dir / "redis"
             # A run directory that already has a server (a resumed run) gets it back: same password, same AOF.
             self.redis = (EmbeddedRedis.reopen(directory) if (directory / "redis.conf").exists()
-                          else EmbeddedRedis(directory, cfg.buffer.appendfsync)).start()
+                          else EmbeddedRedis(directory, cfg.buffer.appendfsync)).start().watch()
             url = self.redis.url
         self.address = BufferAddress(url=url, prefix=ident["prefix"], maxlen=cfg.buffer.maxlen)
         self.buffer = RedisBuffer(self.address)
@@ -88,6 +89,7 @@ class Cluster:
                 self.started_ray = True
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _terminate_as_interrupt)  # after ray.init, which installs its own
+        self.metrics = RayMetrics(ident["run_id"])
         self._start_actors()
 
     def _start_actors(self) -> None:

@@ -174,6 +174,7 @@ def run_step(cfg: ExperimentConfig, cluster: Cluster, run_dir: Path, runlog: Run
         runlog.write("evals", {"step": step, "wall": time.time() - started, **evaluate(cluster, held_out)})
         record["eval_accuracy"] = runlog.read("evals")[-1]["accuracy"]
     runlog.write("metrics", record)
+    cluster.metrics.record(record, cluster.buffer.counters())
     log(format_step(record, cfg.run.steps))
 
 

@@ -86,21 +86,20 @@ class Learner:
     # ---- batch assembly -------------------------------------------------------------------
 
     def fill_batch(self, block_ms: int = 2000) -> int:
-        """Read groups until the step's batch is full; returns how many groups are still missing."""
-        want = self.cfg.rollout.prompts_per_step - len(self.batch)
-        if want <= 0:
-            return 0
-        entries, self.replay = self.replay[:want], self.replay[want:]
-        if not entries:
-            entries = self.buffer.read(self.consumer, want, block_ms)
-        for entry_id, group in entries:
-            reason = self._drop_reason(group)
-            if reason:
-                self.dropped_pending[reason] = self.dropped_pending.get(reason, 0) + 1
-                self.dropped_ids.append(entry_id)
-            else:
-                self.batch.append((entry_id, group))
-        return self.cfg.rollout.prompts_per_step - len(self.batch)
+        """Read groups until the step's batch is full or the stream runs dry; returns how many are still missing."""
+        while (want := self.cfg.rollout.prompts_per_step - len(self.batch)) > 0:
+            entries, self.replay = self.replay[:want], self.replay[want:]
+            entries = entries or self.buffer.read(self.consumer, want, block_ms)
+            if not entries:
+                break
+            for entry_id, group in entries:
+                reason = self._drop_reason(group)
+                if reason:
+                    self.dropped_pending[reason] = self.dropped_pending.get(reason, 0) + 1
+                    self.dropped_ids.append(entry_id)
+                else:
+                    self.batch.append((entry_id, group))
+        return max(0, self.cfg.rollout.prompts_per_step - len(self.batch))
 
     def _drop_reason(self, group: Group) -> str | None:
         if self.version - group.policy_version > self.cfg.learner.max_staleness:

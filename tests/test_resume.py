@@ -53,3 +53,33 @@ def test_sigkill_learner_then_resume(ray_cluster, tiny_model, cache_dir, tmp_pat
     assert set(lost_updates) <= set(ids)
     assert summary["groups_produced"] == summary["groups_trained"] + summary["groups_dropped"] + summary["groups_in_flight"]
     assert summary["groups_trained"] == 6 * cfg.rollout.prompts_per_step
+
+
+def test_redis_sigkill_mid_run(ray_cluster, tiny_model, cache_dir, tmp_path):
+    """The embedded redis-server dies by SIGKILL mid-run; the watchdog restarts it on its AOF and the run finishes."""
+    from scratchpad.cluster.train import train
+
+    # appendfsync always: with everysec, up to a second of acks may be lost with the server (stated in the README).
+    cfg = small_config(cache_dir, "run.steps=5", "run.eval_every=0", "task.eval_size=8", "buffer.appendfsync=always")
+    run = tmp_path / "run"
+    killed = threading.Event()
+
+    def kill_redis():
+        trained = run / "trained.jsonl"
+        deadline = time.time() + 300
+        while time.time() < deadline and not (trained.exists() and trained.read_text().count("\n") >= 2):
+            time.sleep(0.02)
+        port = next(line.split()[1] for line in (run / "redis" / "redis.conf").read_text().splitlines() if line.startswith("port "))
+        for proc in psutil.process_iter(["name", "cmdline"]):
+            if (proc.info["name"] or "").startswith("redis-server") and f":{port}" in " ".join(proc.info["cmdline"] or []):
+                proc.kill()
+                killed.set()
+
+    killer = threading.Thread(target=kill_redis, daemon=True)
+    killer.start()
+    summary = train(cfg, run, log=lambda *_: None)
+    killer.join()
+    assert killed.is_set()
+    assert (run / "redis" / "redis.log").read_text().count("Ready to accept connections") >= 2
+    assert summary["steps"] == 5 and summary["policy_version"] == 5
+    assert summary["invariant_holds"] and summary["groups_trained"] == 5 * cfg.rollout.prompts_per_step
