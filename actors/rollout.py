@@ -11,7 +11,7 @@ import uuid
 
 from scratchpad.actors.formatting import chat_prompt, parse_completion, plain_prompt
 from scratchpad.cluster.config import ExperimentConfig
-from scratchpad.cluster.records import Group, Prompt, Trace
+from scratchpad.cluster.records import Group, Prompt, Trace, pack_ids, pack_logprobs
 
 
 class RolloutWorker:
@@ -66,7 +66,8 @@ class RolloutWorker:
                 thought, answer, closed = parse_completion(completion)
                 traces.append(Trace(
                     trace_id=f"{group_id}:{k}", group_id=group_id, prompt_id=prompt.prompt_id, prompt=text,
-                    prompt_ids=prompt_ids, completion=completion, completion_ids=s.token_ids, logprobs=s.logprobs,
+                    prompt_ids=pack_ids(prompt_ids), completion=completion, completion_ids=pack_ids(s.token_ids),
+                    logprobs=pack_logprobs(s.logprobs),
                     finish_reason=s.finish_reason, policy_version=self.version, reference=prompt.answer,
                     thought=thought, answer=answer, closed=closed, meta=prompt.meta,
                 ))

@@ -17,16 +17,16 @@ import tempfile
 import time
 
 from scratchpad.cluster.buffer import LEARNER_GROUP, BufferAddress, EmbeddedRedis, RedisBuffer
-from scratchpad.cluster.records import Group, Trace, encode_group
+from scratchpad.cluster.records import Group, Trace, encode_group, pack_ids, pack_logprobs
 
 
 def make_group(i: int, traces: int, tokens: int, rng: random.Random) -> Group:
     gid = f"bench-{i}"
-    prompt_ids = [rng.randrange(32000) for _ in range(128)]
+    prompt_ids = pack_ids([rng.randrange(32000) for _ in range(128)])
     return Group(group_id=gid, prompt_id=f"p{i}", policy_version=0, traces=[
         Trace(trace_id=f"{gid}:{k}", group_id=gid, prompt_id=f"p{i}", prompt="x" * 400, prompt_ids=prompt_ids,
-              completion="y" * tokens * 3, completion_ids=[rng.randrange(32000) for _ in range(tokens)],
-              logprobs=[-rng.random() for _ in range(tokens)], finish_reason="stop", policy_version=0,
+              completion="y" * tokens * 3, completion_ids=pack_ids([rng.randrange(32000) for _ in range(tokens)]),
+              logprobs=pack_logprobs([-rng.random() for _ in range(tokens)]), finish_reason="stop", policy_version=0,
               reference="42", thought="t" * tokens, answer="42", closed=True, reward=1.0, components={"correct": 1.0},
               status="ok")
         for k in range(traces)

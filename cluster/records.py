@@ -8,6 +8,29 @@ validated by another; `decode_group` rejects anything malformed.
 from __future__ import annotations
 
 import msgspec
+import numpy as np
+
+# Token ids and logprobs travel as packed little-endian arrays: encoding and decoding them is a copy,
+# not one Python object per token (msgpack lists decoded at ~90 MB/s; see docs/BENCHMARKS.md).
+ID_DTYPE = np.dtype("<i4")
+LOGPROB_DTYPE = np.dtype("<f4")
+
+
+def pack_ids(ids) -> bytes:
+    return np.asarray(ids, dtype=ID_DTYPE).tobytes()
+
+
+def pack_logprobs(values) -> bytes:
+    return np.asarray(values, dtype=LOGPROB_DTYPE).tobytes()
+
+
+def unpack_ids(packed: bytes) -> np.ndarray:
+    """(N,) int32 view of packed ids (read-only)."""
+    return np.frombuffer(packed, dtype=ID_DTYPE)
+
+
+def unpack_logprobs(packed: bytes) -> np.ndarray:
+    return np.frombuffer(packed, dtype=LOGPROB_DTYPE)
 
 
 class Prompt(msgspec.Struct, frozen=True):
@@ -26,10 +49,10 @@ class Trace(msgspec.Struct):
     group_id: str  # the group this trace belongs to
     prompt_id: str
     prompt: str  # prompt text as the model saw it
-    prompt_ids: list[int]  # (P,) prompt token ids, BOS included
+    prompt_ids: bytes  # (P,) int32 prompt token ids, BOS included (pack_ids / unpack_ids)
     completion: str  # decoded completion text, EOS excluded
-    completion_ids: list[int]  # (C,) sampled token ids, EOS included when the model stopped
-    logprobs: list[float]  # (C,) sampler's log p(token) for each completion id, at temperature 1
+    completion_ids: bytes  # (C,) int32 sampled token ids, EOS included when the model stopped
+    logprobs: bytes  # (C,) float32 sampler's log p(token) for each completion id, unmodified distribution
     finish_reason: str  # "stop" (EOS) or "length" (hit max_new_tokens)
     policy_version: int  # weights version that sampled this trace
     reference: str  # reference answer from the prompt
@@ -41,6 +64,11 @@ class Trace(msgspec.Struct):
     components: dict[str, float] = {}  # named parts of the reward before weighting
     status: str | None = None  # "ok", "timeout", "error" or "unparsable" once scored
     error: str | None = None  # scorer's message when status is not ok
+
+    @property
+    def num_tokens(self) -> int:
+        """C, the completion's length in tokens."""
+        return len(self.completion_ids) // ID_DTYPE.itemsize
 
 
 class Group(msgspec.Struct):
@@ -70,8 +98,10 @@ def decode_group(payload: bytes) -> Group:
     if not group.traces:
         raise ValueError("group has no traces")
     for trace in group.traces:
+        if any(len(b) % 4 for b in (trace.prompt_ids, trace.completion_ids, trace.logprobs)):
+            raise ValueError(f"trace {trace.trace_id}: packed ids or logprobs are not whole 4-byte values")
         if len(trace.completion_ids) != len(trace.logprobs):
-            raise ValueError(f"trace {trace.trace_id}: {len(trace.completion_ids)} completion ids but {len(trace.logprobs)} logprobs")
+            raise ValueError(f"trace {trace.trace_id}: {trace.num_tokens} completion ids but {len(trace.logprobs) // 4} logprobs")
         if not trace.prompt_ids:
             raise ValueError(f"trace {trace.trace_id}: empty prompt_ids")
         if trace.group_id != group.group_id:

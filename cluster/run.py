@@ -19,11 +19,6 @@ from scratchpad.cluster.config import ExperimentConfig
 from scratchpad.cluster.metrics import RayMetrics
 
 
-def _terminate_as_interrupt(signum, frame):
-    """SIGTERM (as `ray job stop` sends) unwinds like Ctrl-C: checkpoint, then stop every started process."""
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def actor_env(cfg: ExperimentConfig) -> dict[str, str]:
     """Environment for every actor: thread counts that fit the reserved CPUs, vLLM's in-process engine."""
     threads = str(cfg.run.threads_per_actor)
@@ -59,6 +54,15 @@ class Cluster:
         self.redis: EmbeddedRedis | None = None
         self.started_ray = False
         self.actors: list = []
+        self.stop_requested = threading.Event()  # set by the first SIGTERM/Ctrl-C: finish the step, checkpoint, stop
+        self.previous_handlers: dict = {}
+
+    def _request_stop(self, signum, frame) -> None:
+        """First SIGTERM (as `ray job stop` sends) or Ctrl-C: stop after the current step, so the checkpoint and
+        the run's records agree. A second one interrupts at once."""
+        if self.stop_requested.is_set():
+            raise KeyboardInterrupt(f"signal {signum}")
+        self.stop_requested.set()
 
     def __enter__(self) -> "Cluster":
         try:
@@ -88,7 +92,8 @@ class Cluster:
                 ray.init(address="local", num_cpus=cfg.run.num_cpus, include_dashboard=False, log_to_driver=True)
                 self.started_ray = True
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, _terminate_as_interrupt)  # after ray.init, which installs its own
+            for signum in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own
+                self.previous_handlers[signum] = signal.signal(signum, self._request_stop)
         self.metrics = RayMetrics(ident["run_id"])
         self._start_actors()
 
@@ -115,6 +120,9 @@ class Cluster:
         ray.get([a.__ray_ready__.remote() for a in self.actors])
 
     def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous_handlers.items():
+            signal.signal(signum, handler)
+        self.previous_handlers = {}
         for actor in self.actors:
             try:
                 ray.kill(actor)

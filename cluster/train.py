@@ -131,13 +131,19 @@ def train(cfg: ExperimentConfig, run_dir: Path, log=print, resume: bool = False)
             else:
                 runlog.write("evals", {"step": 0, "wall": time.time() - started, **evaluate(cluster, held_out)})
             log(f"cluster up in {time.time() - started:.1f}s; held-out accuracy at step {first - 1}: {runlog.read('evals')[-1]['accuracy']:.3f}")
+            done = first - 1
             try:
                 for step in range(first, cfg.run.steps + 1):
                     run_step(cfg, cluster, run_dir, runlog, stream, held_out, step, started, log)
+                    done = step
+                    if cluster.stop_requested.is_set():
+                        raise KeyboardInterrupt("stop requested")
             except KeyboardInterrupt:
-                # Ctrl-C or SIGTERM (`ray job stop` allows ~3 s): keep what was learned, then unwind and stop everything.
-                log("interrupted: writing a checkpoint")
-                ray.get(cluster.learner.save_checkpoint.remote(str(run_dir / "checkpoints"), cfg.run.keep_checkpoints))
+                # Keep what was learned, then unwind and stop everything. Only a learner whose version matches the
+                # last recorded step is checkpointed, so the records and the checkpoint always agree on a resume.
+                if ray.get(cluster.learner.policy_version.remote()) == done:
+                    log(f"stopping: checkpoint at step {done}")
+                    ray.get(cluster.learner.save_checkpoint.remote(str(run_dir / "checkpoints"), cfg.run.keep_checkpoints))
                 raise
             runlog.write("evals", {"step": cfg.run.steps, "wall": time.time() - started, **evaluate(cluster, held_out)})
             log(f"step {cfg.run.steps} held-out accuracy {runlog.read('evals')[-1]['accuracy']:.3f}")

@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 import time
 
+import numpy as np
 import torch
 
 from scratchpad.cluster.buffer import BufferAddress, RedisBuffer
 from scratchpad.cluster.config import ExperimentConfig
-from scratchpad.cluster.records import Group
+from scratchpad.cluster.records import Group, unpack_ids, unpack_logprobs
 from scratchpad.learner.algorithms import ADVANTAGES, policy_loss, token_logprobs
 
 
@@ -114,8 +115,10 @@ class Learner:
 
     def _tensors(self, groups: list[Group]) -> dict[str, torch.Tensor]:
         traces = [t for g in groups for t in g.traces]
-        width = max(len(t.prompt_ids) + len(t.completion_ids) for t in traces)
-        comp_width = max(len(t.completion_ids) for t in traces)
+        prompts = [torch.from_numpy(unpack_ids(t.prompt_ids).astype(np.int64)) for t in traces]
+        completions = [torch.from_numpy(unpack_ids(t.completion_ids).astype(np.int64)) for t in traces]
+        width = max(len(p) + len(c) for p, c in zip(prompts, completions))
+        comp_width = max(len(c) for c in completions)
         n = len(traces)
         input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
         attention = torch.zeros((n, width), dtype=torch.long)
@@ -123,15 +126,15 @@ class Learner:
         old_logp = torch.zeros((n, comp_width))
         mask = torch.zeros((n, comp_width))
         starts = torch.zeros(n, dtype=torch.long)
-        for i, t in enumerate(traces):
-            seq = t.prompt_ids + t.completion_ids
-            input_ids[i, : len(seq)] = torch.tensor(seq)
-            attention[i, : len(seq)] = 1
-            c = len(t.completion_ids)
-            targets[i, :c] = torch.tensor(t.completion_ids)
-            old_logp[i, :c] = torch.tensor(t.logprobs)
+        for i, (t, prompt, completion) in enumerate(zip(traces, prompts, completions)):
+            p, c = len(prompt), len(completion)
+            input_ids[i, :p] = prompt
+            input_ids[i, p : p + c] = completion
+            attention[i, : p + c] = 1
+            targets[i, :c] = completion
+            old_logp[i, :c] = torch.from_numpy(unpack_logprobs(t.logprobs).astype(np.float32))
             mask[i, :c] = 1
-            starts[i] = len(t.prompt_ids)
+            starts[i] = p
         rewards = torch.tensor([t.reward for t in traces], dtype=torch.float32)
         return {"input_ids": input_ids, "attention": attention, "targets": targets, "old_logp": old_logp,
                 "mask": mask, "starts": starts, "rewards": rewards}
@@ -237,6 +240,9 @@ class Learner:
         self.engine.module.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         return directory
+
+    def policy_version(self) -> int:
+        return self.version
 
     def _ack(self) -> None:
         self.buffer.ack(self.unacked_ids, trained=self.unacked_trained, dropped=self.unacked_dropped)

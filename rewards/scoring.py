@@ -84,7 +84,7 @@ class RewardWorker:
         return summarise(groups) | {
             "reward_seconds": time.time() - started,
             "traces": len(traces),
-            "generated_tokens": sum(len(t.completion_ids) for t in traces),
+            "generated_tokens": sum(t.num_tokens for t in traces),
             "samples": [_readable(t) for t in traces[:: max(1, len(traces) // samples)][:samples]] if samples else [],
         }
 
@@ -111,7 +111,7 @@ def summarise(groups: list[Group]) -> dict[str, float]:
         "format": sum(t.components.get("format", 0.0) for t in traces) / n,
         "truncated": sum(t.finish_reason == "length" for t in traces) / n,
         "thought_rate": sum(t.thought is not None for t in traces) / n,
-        "completion_tokens": sum(len(t.completion_ids) for t in traces) / n,
+        "completion_tokens": sum(t.num_tokens for t in traces) / n,
     }
     for status in ("timeout", "error", "unparsable"):
         stats[f"status_{status}"] = sum(t.status == status for t in traces) / n

@@ -4,20 +4,22 @@ import time
 import pytest
 
 from scratchpad.cluster.config import RewardConfig
-from scratchpad.cluster.records import Group, Trace, decode_group, encode_group
+from scratchpad.cluster.records import Group, Trace, decode_group, encode_group, pack_ids, pack_logprobs, unpack_ids
 from scratchpad.rewards import scoring
 from scratchpad.rewards.scoring import Scorer
 
 
 def make_trace(answer="3", closed=True, group="g1", k=0, reference="3"):
-    return Trace(trace_id=f"{group}:{k}", group_id=group, prompt_id="p", prompt="A=[3] i=0\n", prompt_ids=[1, 2],
-                 completion="", completion_ids=[5, 6], logprobs=[-0.1, -0.2], finish_reason="stop", policy_version=0,
+    return Trace(trace_id=f"{group}:{k}", group_id=group, prompt_id="p", prompt="A=[3] i=0\n", prompt_ids=pack_ids([1, 2]),
+                 completion="", completion_ids=pack_ids([5, 6]), logprobs=pack_logprobs([-0.1, -0.2]), finish_reason="stop", policy_version=0,
                  reference=reference, thought="0:3", answer=answer, closed=closed)
 
 
 def test_group_round_trip():
     group = Group(group_id="g1", prompt_id="p", policy_version=3, traces=[make_trace(k=i) for i in range(4)])
-    assert decode_group(encode_group(group)) == group
+    back = decode_group(encode_group(group))
+    assert back == group
+    assert unpack_ids(back.traces[0].completion_ids).tolist() == [5, 6] and back.traces[0].num_tokens == 2
 
 
 @pytest.mark.parametrize("payload", [b"garbage", b"\x81\xa1x\x01", encode_group(Group("g1", "p", 0, []))])
@@ -28,7 +30,7 @@ def test_malformed_payloads_raise_value_error(payload):
 
 def test_mismatched_logprobs_are_rejected():
     bad = make_trace()
-    bad.logprobs = [-0.1]
+    bad.logprobs = pack_logprobs([-0.1])
     with pytest.raises(ValueError, match="logprobs"):
         decode_group(encode_group(Group("g1", "p", 0, [bad])))
 
@@ -61,3 +63,10 @@ def test_checker_errors_and_timeouts_mark_the_trace(monkeypatch):
     Scorer(RewardConfig(timeout_s=0.3), checker="slow").score_trace(trace)
     assert trace.status == "timeout" and trace.reward == 0.0
     assert time.time() - started < 0.3 + 0.5
+
+
+def test_ragged_packed_arrays_are_rejected():
+    bad = make_trace()
+    bad.completion_ids = bad.completion_ids[:-1]
+    with pytest.raises(ValueError, match="4-byte"):
+        decode_group(encode_group(Group("g1", "p", 0, [bad])))

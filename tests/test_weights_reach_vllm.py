@@ -12,6 +12,7 @@ def test_learner_update_reaches_vllm(ray_cluster, tiny_model, cache_dir, tmp_pat
     from scratchpad.actors.rollout import RolloutWorker
     from scratchpad.actors.tasks import eval_set, train_stream
     from scratchpad.cluster.buffer import BufferAddress, EmbeddedRedis, RedisBuffer, free_port
+    from scratchpad.cluster.records import unpack_ids
     from scratchpad.cluster.run import actor_env
     from scratchpad.learner.learner import Learner
 
@@ -27,7 +28,7 @@ def test_learner_update_reaches_vllm(ray_cluster, tiny_model, cache_dir, tmp_pat
         actors = [rollout, learner]
         prompts = eval_set(cfg.task)
         stream = train_stream(cfg.task)
-        before = [g.traces[0].completion_ids for g in ray.get(rollout.generate.remote(prompts, True))]
+        before = [unpack_ids(g.traces[0].completion_ids).tolist() for g in ray.get(rollout.generate.remote(prompts, True))]
 
         for _ in range(3):  # three updates, so the change is visible in greedy outputs
             groups = ray.get(rollout.generate.remote([next(stream) for _ in range(cfg.rollout.prompts_per_step)]))
@@ -40,7 +41,7 @@ def test_learner_update_reaches_vllm(ray_cluster, tiny_model, cache_dir, tmp_pat
             version = ray.get(rollout.update_weights.remote(learner.weights.remote()))
         assert version == metrics["policy_version"] == 3
 
-        after = [g.traces[0].completion_ids for g in ray.get(rollout.generate.remote(prompts, True))]
+        after = [unpack_ids(g.traces[0].completion_ids).tolist() for g in ray.get(rollout.generate.remote(prompts, True))]
         saved = ray.get(learner.save_pretrained.remote(str(tmp_path / "learner")))
         hf = HFEngine(saved, "float32", seed=0, gpu=False)
         ids = [hf.tokenizer(p.text + "\n")["input_ids"] for p in prompts]
