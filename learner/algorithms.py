@@ -80,10 +80,6 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.
     raise ValueError(f"unknown KL estimator {kind!r}")
 
 
-def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    return kl_estimate(logp, ref_logp, "k3")
-
-
 def clipped_pg_per_token(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -150,8 +146,3 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
     return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
-
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Per-position entropy of softmax(logits): (B, T, V) -> (B, T)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)

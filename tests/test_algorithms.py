@@ -4,7 +4,7 @@ import math
 import torch
 
 from scratchpad.learner.algorithms import (
-    aggregate, dr_grpo_advantages, grpo_advantages, grpo_loss, kl_estimate, kl_k3, policy_loss, reinforce_pp_advantages,
+    aggregate, dr_grpo_advantages, grpo_advantages, grpo_loss, kl_estimate, policy_loss, reinforce_pp_advantages,
     rloo_advantages, token_logprobs,
 )
 
@@ -38,8 +38,8 @@ def test_negative_advantage_takes_the_pessimistic_side():
 def test_kl_k3_by_hand():
     logp, ref = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])
     # delta = log 0.5 - ... = ln(0.25/0.5) = -ln 2; k3 = e^delta - delta - 1 = 0.5 + ln2 - 1
-    assert math.isclose(kl_k3(logp, ref).item(), 0.5 + math.log(2) - 1, rel_tol=1e-12)
-    assert kl_k3(logp, logp).item() == 0.0
+    assert math.isclose(kl_estimate(logp, ref, "k3").item(), 0.5 + math.log(2) - 1, rel_tol=1e-12)
+    assert kl_estimate(logp, logp, "k3").item() == 0.0
 
 
 def test_grpo_loss_recomputed_independently():
