@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    config = getattr(args, "config", None)
+    if config and "=" in config and not Path(config).exists():  # `train --resume D a.b=1`: no config, only overrides
+        args.config, args.overrides = None, [config, *args.overrides]
     try:
         if args.command == "train":
             return _train(args)
