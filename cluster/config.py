@@ -129,7 +129,7 @@ class RunConfig(_Section):
     checkpoint_every: int = Field(0, ge=0, le=10_000_000, description="DeepSpeed checkpoint (model, optimizer, scheduler, version, RNG) every this many steps; 0 writes only the final HF model.")
     keep_checkpoints: int = Field(2, ge=1, le=1000, description="How many of the newest checkpoints to keep in RUN_DIR/checkpoints.")
     sample_traces: int = Field(4, ge=0, le=100000, description="Traces per step written to traces.jsonl for reading.")
-    ray_address: str | None = Field(None, description="Address of a Ray cluster to join; null starts a private local one.")
+    ray_address: str | None = Field(None, description="Address of a Ray cluster to join; null joins $RAY_ADDRESS when set (as inside `ray job submit`), else starts a private local one.")
     num_cpus: int | None = Field(None, ge=1, le=100000, description="CPUs a private local Ray cluster may use; null uses all of the machine's.")
     threads_per_actor: int = Field(1, ge=1, le=256, description="torch threads in each actor; 1 keeps 2-core machines from oversubscribing.")
 

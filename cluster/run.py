@@ -86,8 +86,9 @@ class Cluster:
         self.buffer = RedisBuffer(self.address)
         self.buffer.ensure_group()
         if not ray.is_initialized():
-            if cfg.run.ray_address:
-                ray.init(address=cfg.run.ray_address, log_to_driver=True)
+            if cfg.run.ray_address or os.environ.get("RAY_ADDRESS"):
+                # A named cluster, or the one a `ray job submit` driver runs in (Ray sets RAY_ADDRESS there).
+                ray.init(address=cfg.run.ray_address or os.environ["RAY_ADDRESS"], log_to_driver=True)
             else:
                 ray.init(address="local", num_cpus=cfg.run.num_cpus, include_dashboard=False, log_to_driver=True)
                 self.started_ray = True
