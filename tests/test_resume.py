@@ -16,10 +16,14 @@ def kill_learner_after(run_dir, step, done: threading.Event, timeout=300):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if trained.exists() and any(json.loads(line)["step"] == step for line in trained.read_text().splitlines()):
-            for proc in psutil.process_iter(["name"]):
-                if (proc.info["name"] or "").startswith("ray::Learner"):
-                    proc.kill()
-                    done.set()
+            # Only this session's processes (the Ray cluster the fixture started descends from us): never another run's.
+            for proc in psutil.Process().children(recursive=True):
+                try:
+                    if proc.name().startswith("ray::Learner"):
+                        proc.kill()
+                        done.set()
+                except psutil.NoSuchProcess:
+                    pass
             return
         time.sleep(0.02)
 
@@ -70,10 +74,13 @@ def test_redis_sigkill_mid_run(ray_cluster, tiny_model, cache_dir, tmp_path):
         while time.time() < deadline and not (trained.exists() and trained.read_text().count("\n") >= 2):
             time.sleep(0.02)
         port = next(line.split()[1] for line in (run / "redis" / "redis.conf").read_text().splitlines() if line.startswith("port "))
-        for proc in psutil.process_iter(["name", "cmdline"]):
-            if (proc.info["name"] or "").startswith("redis-server") and f":{port}" in " ".join(proc.info["cmdline"] or []):
-                proc.kill()
-                killed.set()
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                if proc.name().startswith("redis-server") and f":{port}" in " ".join(proc.cmdline()):
+                    proc.kill()
+                    killed.set()
+            except psutil.NoSuchProcess:
+                pass
 
     killer = threading.Thread(target=kill_redis, daemon=True)
     killer.start()
