@@ -108,6 +108,3 @@ def decode_group(payload: bytes) -> Group:
             raise ValueError(f"trace {trace.trace_id}: group_id {trace.group_id} does not match {group.group_id}")
     return group
 
-
-def to_jsonable(obj: msgspec.Struct) -> dict:
-    return msgspec.to_builtins(obj)

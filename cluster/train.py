@@ -129,8 +129,9 @@ def train(cfg: ExperimentConfig, run_dir: Path, log=print, resume: bool = False)
                 sync_weights(cluster)  # the engines start from the checkpoint's weights and version
                 log(f"resumed at step {point[1]} from {point[0]}")
             else:
-                runlog.write("evals", {"step": 0, "wall": time.time() - started, **evaluate(cluster, held_out)})
-            log(f"cluster up in {time.time() - started:.1f}s; held-out accuracy at step {first - 1}: {runlog.read('evals')[-1]['accuracy']:.3f}")
+                before = evaluate(cluster, held_out)
+                runlog.write("evals", {"step": 0, "wall": time.time() - started, **before})
+                log(f"cluster up in {time.time() - started:.1f}s; held-out accuracy at step 0: {before['accuracy']:.3f}")
             done = first - 1
             try:
                 for step in range(first, cfg.run.steps + 1):
@@ -145,8 +146,9 @@ def train(cfg: ExperimentConfig, run_dir: Path, log=print, resume: bool = False)
                     log(f"stopping: checkpoint at step {done}")
                     ray.get(cluster.learner.save_checkpoint.remote(str(run_dir / "checkpoints"), cfg.run.keep_checkpoints))
                 raise
-            runlog.write("evals", {"step": cfg.run.steps, "wall": time.time() - started, **evaluate(cluster, held_out)})
-            log(f"step {cfg.run.steps} held-out accuracy {runlog.read('evals')[-1]['accuracy']:.3f}")
+            after = evaluate(cluster, held_out)
+            runlog.write("evals", {"step": cfg.run.steps, "wall": time.time() - started, **after})
+            log(f"step {cfg.run.steps} held-out accuracy {after['accuracy']:.3f}")
             ray.get(cluster.learner.save_pretrained.remote(str(run_dir / "final")))
             counters = cluster.buffer.counters()
     finally:
@@ -177,8 +179,9 @@ def run_step(cfg: ExperimentConfig, cluster: Cluster, run_dir: Path, runlog: Run
     for t in (produced[0]["samples"] if produced else []):
         runlog.write("traces", {"step": step, **t})
     if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < cfg.run.steps:
-        runlog.write("evals", {"step": step, "wall": time.time() - started, **evaluate(cluster, held_out)})
-        record["eval_accuracy"] = runlog.read("evals")[-1]["accuracy"]
+        result = evaluate(cluster, held_out)
+        runlog.write("evals", {"step": step, "wall": time.time() - started, **result})
+        record["eval_accuracy"] = result["accuracy"]
     runlog.write("metrics", record)
     cluster.metrics.record(record, cluster.buffer.counters())
     log(format_step(record, cfg.run.steps))

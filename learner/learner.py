@@ -38,7 +38,6 @@ class Learner:
 
         torch.manual_seed(cfg.learner.seed + rank)
         self.cfg = cfg
-        self.rank = rank
         self.consumer = f"learner-{rank}"
         self.buffer = RedisBuffer(buffer)
         self.buffer.ensure_group()

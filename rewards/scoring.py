@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import concurrent.futures as futures
 import time
-from collections import Counter
 
 from scratchpad.cluster.config import RewardConfig
 from scratchpad.cluster.records import Group, Trace
@@ -36,7 +35,6 @@ class Scorer:
         self.cfg = cfg
         self.check = CHECKERS[checker]
         self.pool = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="checker")
-        self.status_counts: Counter[str] = Counter()
 
     def score_trace(self, trace: Trace) -> Trace:
         formatted = trace.answer is not None and trace.closed
@@ -56,7 +54,6 @@ class Scorer:
                 trace.status, trace.error = "error", f"{type(exc).__name__}: {exc}"[:500]
         trace.components = components
         trace.reward = self.cfg.correct_weight * components["correct"] + self.cfg.format_weight * components["format"]
-        self.status_counts[trace.status] += 1
         return trace
 
     def score(self, groups: list[Group]) -> list[Group]:
@@ -91,9 +88,6 @@ class RewardWorker:
     def score(self, groups: list[Group]) -> list[Group]:
         """Score without pushing (evaluation)."""
         return self.scorer.score(groups)
-
-    def status_counts(self) -> dict[str, int]:
-        return dict(self.scorer.status_counts)
 
 
 def _readable(t: Trace) -> dict:
