@@ -98,7 +98,10 @@ class BufferConfig(_Section):
 class LearnerConfig(_Section):
     """The DeepSpeed learner and its algorithm."""
 
-    algorithm: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"] = Field("grpo", description="Advantage estimator by name (learner/algorithms.py).")
+    algorithm: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "ppo", "dpo", "ipo", "star"] = Field("grpo", description=(
+        "grpo/dr_grpo/rloo/reinforce_pp: policy gradient with that group-relative advantage; ppo: GAE with a learned critic; "
+        "dpo/ipo: online preference loss on each group's best vs worst trace (Thought Preference Optimisation when a judge scores); "
+        "star: supervised steps on the traces whose reward reaches star_threshold (rejection-sampling fine-tuning)."))
     lr: float = Field(1e-4, gt=0, le=1, description="AdamW learning rate (constant after warmup).")
     warmup_steps: int = Field(0, ge=0, le=1_000_000, description="Linear learning-rate warmup, in learner steps.")
     weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
@@ -110,10 +113,28 @@ class LearnerConfig(_Section):
     loss_aggregation: Literal["token_mean", "seq_mean", "seq_sum"] = Field("token_mean", description="token_mean over the batch (DAPO), seq_mean per sequence (GRPO paper), seq_sum over a fixed budget (Dr. GRPO).")
     kl_coef: float = Field(0.0, ge=0, le=100, description="Weight of the KL penalty to the frozen reference model; 0 loads no reference.")
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="Per-token KL estimator for the penalty.")
+    kl_mode: Literal["loss", "reward"] = Field("loss", description=(
+        "loss: kl_coef x KL is added to the policy loss; reward: kl_coef x (log pi_old - log ref) is subtracted from the "
+        "reward (per token into GAE for ppo, summed per sequence before the group advantage otherwise)."))
+    entropy_coef: float = Field(0.0, ge=0, le=10, description="Entropy bonus: the loss subtracts entropy_coef x the token-mean entropy of the policy.")
+    filter_groups: bool = Field(False, description=(
+        "DAPO's dynamic sampling: groups whose rewards are all equal carry no gradient; drop them (counted as 'filtered') "
+        "and keep sampling until the batch is full. dpo/ipo/star always drop groups with nothing to learn."))
+    beta: float = Field(0.1, gt=0, le=100, description="dpo/ipo: strength of the implicit KL to the reference (DPO's beta; IPO's tau).")
+    star_threshold: float = Field(1.0, description="star: a trace whose reward is at least this counts as verified and is trained on.")
+    gamma: float = Field(1.0, ge=0, le=1, description="ppo: discount per token in GAE.")
+    lam: float = Field(0.95, ge=0, le=1, description="ppo: GAE lambda.")
+    critic_lr: float = Field(1e-4, gt=0, le=1, description="ppo: AdamW learning rate of the critic (a copy of the policy's body with a scalar head).")
+    value_clip: float | None = Field(0.2, gt=0, le=100, description="ppo: clip range of the value loss around the old values; null disables.")
+    critic_warmup_steps: int = Field(0, ge=0, le=1_000_000, description="ppo: steps at the start in which only the critic learns.")
     grad_clip: float = Field(1.0, ge=0, le=1e6, description="Global gradient-norm clip; 0 disables.")
     ppo_epochs: int = Field(1, ge=1, le=100, description="Passes over each batch; later passes are off-policy and the clip bounds them.")
     minibatches: int = Field(1, ge=1, le=4096, description="Optimizer steps per pass; each takes prompts_per_step / minibatches whole groups.")
-    micro_batch_size: int = Field(64, ge=1, le=65536, description="Sequences per forward/backward; gradients accumulate over a step.")
+    micro_batch_size: int = Field(64, ge=1, le=65536, description="Most sequences per forward/backward; gradients accumulate over a step.")
+    micro_batch_tokens: int = Field(0, ge=0, le=10_000_000, description=(
+        "Token budget per forward/backward (rows x padded width); 0 uses micro_batch_size alone. Micro-batches of any "
+        "size add up to the same update: each carries its share of the loss."))
+    ranks: int = Field(1, ge=1, le=1024, description="Data-parallel learner ranks (Ray actors, gloo on CPU / nccl on GPU); each trains prompts_per_step / ranks groups.")
     zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage.")
     max_staleness: int = Field(0, ge=0, le=1000, description="Oldest policy version lag a trained group may have; 0 is strictly on-policy.")
     num_cpus: float = Field(1.0, gt=0, le=256, description="Ray CPUs reserved for the learner.")
@@ -175,22 +196,44 @@ def _one_line(err: ValidationError, source: str) -> str:
     return f"{source}: {field}: {first['msg']}{shown}{extra}"
 
 
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...]) -> dict:
+    """One YAML experiment as a dict; `base: other.yaml` (relative to this file) is read first and this file
+    overrides it section by section."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base must be the path of another YAML experiment (got {base!r})")
+    base_path = (path.parent / base).resolve()
+    if base_path in seen or base_path == path.resolve():
+        raise ConfigError(f"{path}: base {base} leads back to itself")
+    return _merge(_read_yaml(base_path, (*seen, path.resolve())), data)
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
     """Read a YAML experiment, apply `key.sub=value` overrides, validate; ConfigError on any mistake."""
     data: dict = {}
     source = "defaults"
     if path is not None:
         source = str(path)
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        data = _read_yaml(Path(path), ())
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key.sub=value")
@@ -219,8 +262,10 @@ def _check_consistency(cfg: ExperimentConfig, source: str) -> None:
         raise ConfigError(f"{source}: task.train_path is required when task.name is jsonl")
     if cfg.task.name != "jsonl" and (cfg.task.train_path or cfg.task.eval_path):
         raise ConfigError(f"{source}: task.train_path/eval_path are only read when task.name is jsonl")
-    if cfg.rollout.prompts_per_step % cfg.learner.minibatches:
-        raise ConfigError(f"{source}: learner.minibatches ({cfg.learner.minibatches}) must divide rollout.prompts_per_step ({cfg.rollout.prompts_per_step})")
+    if cfg.rollout.prompts_per_step % (cfg.learner.minibatches * cfg.learner.ranks):
+        raise ConfigError(f"{source}: learner.minibatches x learner.ranks ({cfg.learner.minibatches} x {cfg.learner.ranks}) must divide rollout.prompts_per_step ({cfg.rollout.prompts_per_step})")
+    if cfg.learner.algorithm in ("dpo", "ipo") and cfg.learner.ppo_epochs > 1:
+        raise ConfigError(f"{source}: learner.ppo_epochs must be 1 for {cfg.learner.algorithm} (the preference loss has no importance ratio)")
     url = cfg.buffer.redis_url
     if url is not None and not url.startswith(("redis://", "rediss://")):
         raise ConfigError(f"{source}: buffer.redis_url must start with redis:// or rediss:// (got {url!r})")

@@ -114,10 +114,14 @@ class Cluster:
             ray.remote(RewardWorker).options(num_cpus=0, runtime_env=env).remote(cfg.reward, self.address)
             for _ in range(cfg.reward.num_actors)
         ]
-        self.learner = ray.remote(Learner).options(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus, runtime_env=env).remote(
-            cfg, self.model_path, self.address, 0, 1, free_port(), self.resume_from
-        )
-        self.actors = [*self.rollouts, *self.rewarders, self.learner]
+        port = free_port()  # rank 0's rendezvous port for torch.distributed (gloo on CPU)
+        self.learners = [
+            ray.remote(Learner).options(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus, runtime_env=env).remote(
+                cfg, self.model_path, self.address, rank, cfg.learner.ranks, port, self.resume_from)
+            for rank in range(cfg.learner.ranks)
+        ]
+        self.learner = self.learners[0]  # publishes weights and writes the final model
+        self.actors = [*self.rollouts, *self.rewarders, *self.learners]
         ray.get([a.__ray_ready__.remote() for a in self.actors])
 
     def __exit__(self, *exc) -> None:

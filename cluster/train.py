@@ -73,6 +73,25 @@ def evaluate(cluster: Cluster, prompts: list) -> dict:
     }
 
 
+def on_learners(cluster: Cluster, method: str, *args) -> list:
+    """Call `method` on every learner rank at once (collective operations need all of them) and wait."""
+    return ray.get([getattr(rank, method).remote(*args) for rank in cluster.learners])
+
+
+def train_learners(cluster: Cluster) -> dict:
+    """One step on every rank; rank 0's metrics (losses are already global sums) with the counts of all ranks."""
+    parts = on_learners(cluster, "train")
+    merged = dict(parts[0])
+    for key in ("tokens", "trained_sequences", "groups_trained", "groups_dropped"):
+        merged[key] = sum(p[key] for p in parts)
+    for key in {k for p in parts for k in p if k.startswith("dropped_")}:
+        merged[key] = sum(p.get(key, 0) for p in parts)
+    merged["reward_mean"] = sum(p["reward_mean"] for p in parts) / len(parts)
+    merged["policy_lag_mean"] = sum(p["policy_lag_mean"] for p in parts) / len(parts)
+    merged["group_ids"] = [g for p in parts for g in p["group_ids"]]
+    return merged
+
+
 def sync_weights(cluster: Cluster) -> int:
     """One ray.put of the learner's weights (its return value), read by every rollout actor."""
     published = cluster.learner.weights.remote()
@@ -144,7 +163,7 @@ def train(cfg: ExperimentConfig, run_dir: Path, log=print, resume: bool = False)
                 # last recorded step is checkpointed, so the records and the checkpoint always agree on a resume.
                 if ray.get(cluster.learner.policy_version.remote()) == done:
                     log(f"stopping: checkpoint at step {done}")
-                    ray.get(cluster.learner.save_checkpoint.remote(str(run_dir / "checkpoints"), cfg.run.keep_checkpoints))
+                    on_learners(cluster, "save_checkpoint", str(run_dir / "checkpoints"), cfg.run.keep_checkpoints)
                 raise
             after = evaluate(cluster, held_out)
             runlog.write("evals", {"step": cfg.run.steps, "wall": time.time() - started, **after})
@@ -162,18 +181,18 @@ def run_step(cfg: ExperimentConfig, cluster: Cluster, run_dir: Path, runlog: Run
     timer, step_started = Timer(), time.time()
     produced = []
     with timer.phase("fill"):  # a resumed learner first re-trains what its checkpoint lacks
-        need = ray.get(cluster.learner.fill_batch.remote(1))
+        need = sum(on_learners(cluster, "fill_batch", 1))
     while need > 0:
         produced.append(produce(cluster, [next(stream) for _ in range(need)], timer, cfg.run.sample_traces))
         with timer.phase("fill"):
-            need = ray.get(cluster.learner.fill_batch.remote())
+            need = sum(on_learners(cluster, "fill_batch"))
     with timer.phase("train"):
-        learned = ray.get(cluster.learner.train.remote())
+        learned = train_learners(cluster)
     with timer.phase("sync"):
         sync_weights(cluster)
     if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0:
         with timer.phase("checkpoint"):
-            ray.get(cluster.learner.save_checkpoint.remote(str(run_dir / "checkpoints"), cfg.run.keep_checkpoints))
+            on_learners(cluster, "save_checkpoint", str(run_dir / "checkpoints"), cfg.run.keep_checkpoints)
     runlog.write("trained", {"step": step, "policy_version": learned["policy_version"], "groups": learned.pop("group_ids")})
     record = step_record(step, started, step_started, timer, produced, learned)
     for t in (produced[0]["samples"] if produced else []):

@@ -7,7 +7,10 @@ group consecutive. Departures from the papers, stated:
 - The default aggregation is "token_mean" over the whole batch (DAPO); GRPO's
   original per-sequence mean is "seq_mean"; Dr. GRPO's "seq_sum" divides token
   sums by a constant (the generation budget) instead of each length.
-- KL is a loss term against a frozen reference, with k1/k2/k3 estimators.
+- KL is a loss term against a frozen reference, with k1/k2/k3 estimators, or (PPO) a
+  per-token reward penalty folded into GAE.
+- PPO's GAE advantages are whitened over the batch's real tokens, as in most PPO code.
+- DPO/IPO log-probabilities are sums over the whole completion: thought and response.
 """
 from __future__ import annotations
 
@@ -91,7 +94,7 @@ def clipped_pg_per_token(
     """PPO's clipped surrogate per token, with DAPO's asymmetric range [1 - clip_low, 1 + clip_high]
     and optional dual clip (negative advantages: loss bounded by dual_clip * |A|). Returns (loss, clipped?)."""
     ratio = torch.exp(logp - old_logp)
-    adv = advantages.unsqueeze(1)
+    adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages  # per sequence (B,) or per token (B, T)
     unclipped = -ratio * adv
     clipped = -torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv
     loss = torch.maximum(unclipped, clipped)
@@ -114,8 +117,11 @@ def policy_loss(
     ref_logp: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped policy gradient plus kl_coef x KL to the reference, aggregated as `aggregation`.
+    """Clipped policy gradient plus kl_coef x KL to the reference minus entropy_coef x entropy, aggregated
+    as `aggregation`. Advantages are per sequence (B,) or per token (B, T).
 
     old_logp are the sampler's logprobs, so the ratio also corrects for the engine/trainer
     mismatch and for staleness when max_staleness > 0.
@@ -126,6 +132,10 @@ def policy_loss(
         kl = kl_estimate(logp, ref_logp, kl_estimator)
         per_token = per_token + kl_coef * kl
         stats["kl"] = masked_mean(kl.detach(), mask)
+    if entropy is not None:
+        if entropy_coef:
+            per_token = per_token - entropy_coef * entropy
+        stats["entropy"] = masked_mean(entropy.detach(), mask)
     loss = aggregate(per_token, mask, aggregation, norm)
     with torch.no_grad():
         stats["clip_frac"] = masked_mean(was_clipped, mask)
@@ -138,6 +148,75 @@ def grpo_loss(logp, old_logp, advantages, mask, clip_eps, ref_logp=None, kl_coef
     """GRPO as usually written: symmetric clip, token-level mean over the given tokens, k3 KL."""
     return policy_loss(logp, old_logp, advantages, mask, clip_low=clip_eps, clip_high=clip_eps,
                        norm=float(mask.sum().clamp(min=1)), ref_logp=ref_logp, kl_coef=kl_coef)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Per-position entropy of softmax(logits): logits (B, T, V) -> (B, T), in nats."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def gae_advantages(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+                   lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over right-padded completions. token_rewards, values, mask: (B, T);
+    values[t] is V of the state before token t. Past the last real token V = 0. Returns (advantages, returns)."""
+    B, T = token_rewards.shape
+    values = values * mask
+    advantages = torch.zeros_like(token_rewards)
+    running = torch.zeros(B, dtype=token_rewards.dtype)
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else torch.zeros(B, dtype=values.dtype)
+        delta = token_rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running) * mask[:, t]
+        advantages[:, t] = running
+    return advantages, advantages + values
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the real tokens, padding left at 0."""
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)
+    return (values - mean) * torch.rsqrt(var + eps) * mask
+
+
+def value_loss_per_token(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                         clip: float | None) -> torch.Tensor:
+    """PPO's clipped value loss, 0.5 * max((V - R)^2, (V_old + clip(V - V_old, +-clip) - R)^2) per token."""
+    loss = (values - returns) ** 2
+    if clip is not None:
+        clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+        loss = torch.maximum(loss, (clipped - returns) ** 2)
+    return 0.5 * loss
+
+
+def preference_pairs(rewards: torch.Tensor, group_size: int) -> list[tuple[int, int]]:
+    """(chosen, rejected) row indices per group: its highest and its lowest reward (first on ties);
+    a group whose rewards are all equal gives no pair."""
+    pairs = []
+    for g, row in enumerate(rewards.view(-1, group_size)):
+        hi, lo = int(torch.argmax(row)), int(torch.argmin(row))
+        if row[hi] > row[lo]:
+            pairs.append((g * group_size + hi, g * group_size + lo))
+    return pairs
+
+
+def preference_loss(chosen_logp: torch.Tensor, rejected_logp: torch.Tensor, ref_chosen_logp: torch.Tensor,
+                    ref_rejected_logp: torch.Tensor, beta: float, kind: str = "dpo") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair DPO or IPO loss from sequence log-probabilities (P,), and the implicit reward margin.
+
+    h = (log pi(c) - log ref(c)) - (log pi(r) - log ref(r)).
+    dpo: -log sigmoid(beta * h). ipo: (h - 1 / (2 beta))^2.
+    """
+    h = (chosen_logp - ref_chosen_logp) - (rejected_logp - ref_rejected_logp)
+    if kind == "dpo":
+        loss = -torch.nn.functional.logsigmoid(beta * h)
+    elif kind == "ipo":
+        loss = (h - 1.0 / (2.0 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown preference loss {kind!r}")
+    return loss, beta * h
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,9 @@ import math
 import torch
 
 from scratchpad.learner.algorithms import (
-    aggregate, dr_grpo_advantages, grpo_advantages, grpo_loss, kl_estimate, policy_loss, reinforce_pp_advantages,
-    rloo_advantages, token_logprobs,
+    aggregate, dr_grpo_advantages, entropy_from_logits, gae_advantages, grpo_advantages, grpo_loss, kl_estimate,
+    policy_loss, preference_loss, preference_pairs, reinforce_pp_advantages, rloo_advantages, token_logprobs,
+    value_loss_per_token,
 )
 
 torch.set_default_dtype(torch.float64)
@@ -118,3 +119,69 @@ def test_aggregations_by_hand():
     # Micro-batches add up to the whole batch.
     halves = aggregate(per_token[:1], mask[:1], "seq_mean", 2.0) + aggregate(per_token[1:], mask[1:], "seq_mean", 2.0)
     assert halves.item() == 2.0
+
+
+def test_gae_by_hand():
+    # One sequence of 3 real tokens + 1 pad; reward 1 at the last real token; gamma 0.9, lambda 0.5.
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.2, 0.4, 0.6, 9.0]])  # the padded value must be ignored
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    adv, ret = gae_advantages(rewards, values, mask, gamma=0.9, lam=0.5)
+    d2 = 1.0 + 0.9 * 0.0 - 0.6            # 0.4
+    d1 = 0.0 + 0.9 * 0.6 - 0.4            # 0.14
+    d0 = 0.0 + 0.9 * 0.4 - 0.2            # 0.16
+    a2, a1 = d2, d1 + 0.45 * d2
+    a0 = d0 + 0.45 * a1
+    assert torch.allclose(adv, torch.tensor([[a0, a1, a2, 0.0]]), atol=1e-12)
+    assert torch.allclose(ret[:, :3], torch.tensor([[a0 + 0.2, a1 + 0.4, a2 + 0.6]]), atol=1e-12)
+
+
+def test_gae_with_lambda_one_is_return_minus_value():
+    rewards = torch.tensor([[0.5, 0.0, 2.0]])
+    values = torch.tensor([[1.0, -1.0, 0.5]])
+    adv, ret = gae_advantages(rewards, values, torch.ones(1, 3), gamma=1.0, lam=1.0)
+    assert torch.allclose(ret, torch.tensor([[2.5, 2.0, 2.0]]), atol=1e-12)
+    assert torch.allclose(adv, ret - values, atol=1e-12)
+
+
+def test_clipped_value_loss_by_hand():
+    values, old, returns = torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.0]), torch.tensor([0.0, 1.0])
+    loss = value_loss_per_token(values, old, returns, clip=0.2)
+    # token 0: unclipped (1-0)^2 = 1; clipped V = 0.7 -> 0.49; max 1 -> 0.5. token 1: both (0-1)^2 -> 0.5
+    assert torch.allclose(loss, torch.tensor([0.5, 0.5]), atol=1e-12)
+    # the clip takes the pessimistic side: moving towards the return but past the clip keeps the larger loss
+    loss = value_loss_per_token(torch.tensor([0.9]), torch.tensor([0.0]), torch.tensor([1.0]), clip=0.2)
+    assert math.isclose(loss.item(), 0.5 * 0.8**2, rel_tol=1e-12)
+
+
+def test_preference_pairs_take_best_and_worst_and_skip_ties():
+    rewards = torch.tensor([0.0, 1.0, 0.5, 1.0, 0.3, 0.3, 0.3, 0.3, 2.0, -1.0, 0.0, 0.0])
+    assert preference_pairs(rewards, 4) == [(1, 0), (8, 9)]
+
+
+def test_dpo_and_ipo_by_hand():
+    pc, pr, rc, rr = torch.tensor([-2.0]), torch.tensor([-3.0]), torch.tensor([-2.5]), torch.tensor([-2.5])
+    h = (-2.0 + 2.5) - (-3.0 + 2.5)  # 1.0
+    loss, margin = preference_loss(pc, pr, rc, rr, beta=0.1, kind="dpo")
+    assert math.isclose(loss.item(), -math.log(1 / (1 + math.exp(-0.1 * h))), rel_tol=1e-12)
+    assert math.isclose(margin.item(), 0.1 * h, rel_tol=1e-12)
+    loss, _ = preference_loss(pc, pr, rc, rr, beta=0.1, kind="ipo")
+    assert math.isclose(loss.item(), (h - 5.0) ** 2, rel_tol=1e-12)
+
+
+def test_entropy_of_uniform_and_one_hot():
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [100.0, 0.0, 0.0, 0.0]]])
+    ent = entropy_from_logits(logits)
+    assert math.isclose(ent[0, 0].item(), math.log(4), rel_tol=1e-12)
+    assert ent[0, 1].item() < 1e-30
+
+
+def test_per_token_advantages_and_entropy_bonus():
+    logp = torch.tensor([[math.log(0.5), math.log(0.5)]])
+    adv = torch.tensor([[1.0, -2.0]])
+    ent = torch.tensor([[0.3, 0.7]])
+    loss, stats = policy_loss(logp, logp, adv, torch.ones(1, 2), clip_low=0.2, clip_high=0.2, norm=2.0,
+                              entropy=ent, entropy_coef=0.1)
+    # ratio 1: per token -A - 0.1 * H -> (-1 - 0.03) + (2 - 0.07) = 0.9, over 2 tokens
+    assert math.isclose(loss.item(), 0.45, rel_tol=1e-12)
+    assert math.isclose(stats["entropy"].item(), 0.5, rel_tol=1e-12)

@@ -77,3 +77,16 @@ def test_cli_dry_run_prints_resolved_config():
     result = subprocess.run([sys.executable, "-m", "scratchpad.cluster.cli", "train", str(CONFIGS[0]), "--dry-run", "run.steps=11"],
                             capture_output=True, text=True, check=True)
     assert "steps: 11" in result.stdout and "algorithm: grpo" in result.stdout
+
+
+def test_base_config_is_read_first_and_overridden_section_by_section(tmp_path):
+    (tmp_path / "parent.yaml").write_text("name: parent\nlearner:\n  lr: 0.0005\n  kl_coef: 0.1\nrollout:\n  n: 4\n")
+    (tmp_path / "child.yaml").write_text("base: parent.yaml\nname: child\nlearner:\n  kl_coef: 0.2\n")
+    cfg = load_config(tmp_path / "child.yaml", ["rollout.n=6"])
+    assert (cfg.name, cfg.learner.lr, cfg.learner.kl_coef, cfg.rollout.n) == ("child", 0.0005, 0.2, 6)
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="leads back to itself"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "missing.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml: cannot read config"):
+        load_config(tmp_path / "missing.yaml")
