@@ -40,6 +40,7 @@ def plot(run_dir: Path, history: list[dict], evals: list[dict]) -> Path:
 def write_outputs(run_dir: Path, cfg: ExperimentConfig, history: list[dict], evals: list[dict], counters: dict, wall: float) -> dict:
     summary = {
         "name": cfg.name,
+        "algorithm": cfg.learner.algorithm,
         "accuracy_before": evals[0]["accuracy"],
         "accuracy_after": evals[-1]["accuracy"],
         "accuracy_gain": evals[-1]["accuracy"] - evals[0]["accuracy"],

@@ -5,9 +5,11 @@ also after Ctrl-C or SIGTERM: no redis-server, Ray or vLLM process outlives it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
+import sys
 import threading
 import uuid
 from pathlib import Path
@@ -31,6 +33,10 @@ def actor_env(cfg: ExperimentConfig) -> dict[str, str]:
         "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"),
         "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
         "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu" if cfg.learner.num_gpus == 0 else "cuda"),
+        # DeepSpeed JIT-builds its CPU comm op into torch's extension cache; two installs sharing one cache
+        # (different include paths) rebuild it in turn, minutes each on 2 cores. One cache per install.
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(
+            Path.home() / ".cache" / "scratchpad" / "torch_extensions" / hashlib.sha1(sys.prefix.encode()).hexdigest()[:12])),
         "PYTHONWARNINGS": "ignore",
     }
 

@@ -79,10 +79,13 @@ def on_learners(cluster: Cluster, method: str, *args) -> list:
 
 
 def train_learners(cluster: Cluster) -> dict:
-    """One step on every rank; rank 0's metrics (losses are already global sums) with the counts of all ranks."""
+    """One step on every rank. Each rank's loss is its share of the global loss, so losses and counts add up;
+    other statistics are rank 0's."""
     parts = on_learners(cluster, "train")
     merged = dict(parts[0])
-    for key in ("tokens", "trained_sequences", "groups_trained", "groups_dropped"):
+    for key in ("loss", "value_loss", "tokens", "trained_sequences", "groups_trained", "groups_dropped"):
+        if key not in merged:
+            continue
         merged[key] = sum(p[key] for p in parts)
     for key in {k for p in parts for k in p if k.startswith("dropped_")}:
         merged[key] = sum(p.get(key, 0) for p in parts)
