@@ -71,7 +71,8 @@ class Scorer:
 
                 self.models[c.name] = load_model_scorer(c, policy_path)
         kinds = {c.kind for c in self.components}
-        warm = ["scratchpad.rewards.checkers"] + (["math_verify"] if "math" in kinds else [])
+        # Workers import the checkers (and math-verify) before they say ready, so no check's deadline pays for it.
+        warm = sorted({checkers.CHECKERS[k].__module__ for k in kinds if k in CHECKER_KINDS}) + (["math_verify"] if "math" in kinds else [])
         self.pool = CheckerPool(cfg.checker_workers, cfg.timeout_s, warm) if kinds & set(CHECKER_KINDS) else None
 
     def _checker(self, c, traces: list[Trace]) -> list[Outcome]:
