@@ -235,6 +235,24 @@ class RunConfig(_Section):
     threads_per_actor: int = Field(1, ge=1, le=256, description="torch threads in each actor; 1 keeps 2-core machines from oversubscribing.")
 
 
+class RewardModelTrainConfig(_Section):
+    """`scratchpad train-rm`: a Bradley-Terry reward model from JSONL preference pairs {prompt, chosen, rejected}."""
+
+    train_path: str = Field(min_length=1, description="JSONL file, one {prompt, chosen, rejected} object per line.")
+    eval_path: str | None = Field(None, description="JSONL file of held-out pairs; the share scored chosen > rejected is reported.")
+    output_dir: str = Field(min_length=1, description="Where the reward model is saved in Hugging Face format (AutoModelForSequenceClassification).")
+    base_path: str | None = Field(None, description="HF model to start from (its backbone; a fresh one-output head); null builds the tiny architecture with random weights.")
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Shape of the tiny architecture (used when base_path is null).")
+    input_template: str = Field("{prompt}{answer}", min_length=1, max_length=2000, description="What the model reads; {prompt} and {answer} (the chosen or rejected response) are filled in. Use the same in the reward_model component.")
+    steps: int = Field(300, ge=1, le=10_000_000, description="Optimizer steps.")
+    batch_size: int = Field(16, ge=1, le=4096, description="Preference pairs per step.")
+    lr: float = Field(3e-4, gt=0, le=1, description="AdamW learning rate (linear decay to 0).")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
+    max_length: int = Field(512, ge=8, le=32768, description="Longest input in tokens; longer ones keep their end.")
+    threads: int | None = Field(None, ge=1, le=256, description="torch threads; null leaves torch's default.")
+    seed: int = Field(0, ge=0, description="Seed of the head's initialisation and the order of pairs.")
+
+
 class ExperimentConfig(_Section):
     """A whole experiment: what `scratchpad train` reads."""
 
@@ -276,8 +294,8 @@ def _one_line(err: ValidationError, source: str) -> str:
     return f"{source}: {field}: {first['msg']}{shown}{extra}"
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
-    """Read a YAML experiment, apply `key.sub=value` overrides, validate; ConfigError on any mistake."""
+def load_config(path: str | Path | None, overrides: list[str] = (), schema: type[BaseModel] | None = None):
+    """Read a YAML experiment (or another `schema`), apply `key.sub=value` overrides, validate; ConfigError on any mistake."""
     data: dict = {}
     source = "defaults"
     if path is not None:
@@ -299,10 +317,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Experimen
         _set_path(data, key.strip(), _parse_scalar(value))
         source = f"{source} + overrides" if "overrides" not in source else source
     try:
-        cfg = ExperimentConfig.model_validate(data)
+        cfg = (schema or ExperimentConfig).model_validate(data)
     except ValidationError as err:
         raise ConfigError(_one_line(err, source)) from None
-    _check_consistency(cfg, source)
+    if isinstance(cfg, ExperimentConfig):
+        _check_consistency(cfg, source)
     return cfg
 
 

@@ -110,15 +110,28 @@ class Cluster:
                                 name=None).remote(cfg, self.model_path, i)
             for i in range(cfg.rollout.num_engines)
         ]
+        self.reward_models = self._start_reward_models(env)
         self.rewarders = [
-            ray.remote(RewardWorker).options(num_cpus=0, runtime_env=env).remote(cfg.reward, self.address)
+            ray.remote(RewardWorker).options(num_cpus=0, runtime_env=env, max_pending_calls=cfg.reward.max_pending).remote(
+                cfg.reward, self.address, cfg.rollout.max_new_tokens, self.reward_models, self.model_path)
             for _ in range(cfg.reward.num_actors)
         ]
         self.learner = ray.remote(Learner).options(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus, runtime_env=env).remote(
             cfg, self.model_path, self.address, 0, 1, free_port(), self.resume_from
         )
-        self.actors = [*self.rollouts, *self.rewarders, self.learner]
+        self.actors = [*self.rollouts, *self.reward_models.values(), *self.rewarders, self.learner]
         ray.get([a.__ray_ready__.remote() for a in self.actors])
+
+    def _start_reward_models(self, env: dict) -> dict:
+        """One Ray actor per model component (likelihood LM, reward model), shared by every reward actor."""
+        from scratchpad.cluster.config import MODEL_KINDS
+        from scratchpad.rewards.models import ModelScorer
+
+        return {
+            c.name: ray.remote(ModelScorer).options(num_cpus=c.num_cpus, runtime_env=env).remote(
+                c, self.model_path, self.cfg.run.threads_per_actor)
+            for c in self.cfg.reward.resolved_components() if c.kind in MODEL_KINDS
+        }
 
     def __exit__(self, *exc) -> None:
         for signum, handler in self.previous_handlers.items():

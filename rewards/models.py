@@ -104,3 +104,13 @@ def load_model_scorer(component, policy_path: str | None, threads: int | None = 
     if component.kind == "reward_model":
         return RewardModel(component.model_path, component.input_template, component.max_length, component.batch_size, threads)
     raise ValueError(f"component {component.name} of kind {component.kind} has no model")
+
+
+class ModelScorer:
+    """What a model component's Ray actor hosts: the component's model, behind `score(items)`."""
+
+    def __init__(self, component, policy_path: str | None, threads: int | None = None):
+        self.model = load_model_scorer(component, policy_path, threads)
+
+    def score(self, items: list[dict]) -> list[float]:
+        return self.model.score(items)
