@@ -163,3 +163,24 @@ def test_component_mistakes_get_one_line(override, words):
     with pytest.raises(ConfigError) as info:
         load_config(None, [override])
     assert words in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["train_path=PAIRS", "output_dir=OUT", "steps=0"], "steps: Input should be greater than or equal to 1"),
+    (["train_path=PAIRS", "output_dir=OUT", "bogus=1"], "bogus: Extra inputs are not permitted"),
+    (["steps=10"], "train_path: Field required"),
+    (["train_path=PAIRS", "output_dir=OUT"], "PAIRS:2: expected a JSON object with prompt, chosen and rejected"),
+    (["train_path=/no/such.jsonl", "output_dir=OUT"], "train_path: no such file /no/such.jsonl"),
+])
+def test_train_rm_mistakes_get_one_line_and_exit_2(tmp_path, args, words):
+    import subprocess
+    import sys
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": "a"}\n')
+    args = [a.replace("PAIRS", str(pairs)).replace("OUT", str(tmp_path / "rm")) for a in args]
+    words = words.replace("PAIRS", str(pairs))
+    result = subprocess.run([sys.executable, "-m", "scratchpad.cluster.cli", "train-rm", *args], capture_output=True, text=True)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0] and "Traceback" not in result.stderr
