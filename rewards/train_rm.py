@@ -35,13 +35,19 @@ def load_for_training(base_path: str, seed: int):
     """(model, tokenizer): the base's backbone under a one-output head; a pad token is set (the head needs it)."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side, tokenizer.truncation_side = "right", "left"
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1, dtype=torch.float32)
+    quiet = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # a causal LM loaded as a classifier: lm_head unused and score new, by design
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1, dtype=torch.float32)
+    finally:
+        transformers_logging.set_verbosity(quiet)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
