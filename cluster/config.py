@@ -7,6 +7,7 @@ and carries a one-line description (tests/test_config.py enforces the last).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -153,13 +154,40 @@ class RewardModelComponent(_Component):
     num_cpus: float = Field(0.0, ge=0, le=256, description="Ray CPUs reserved for the reward model's actor.")
 
 
+class JudgeComponent(_Component):
+    """An LLM judge on its own engine actor. It sees only the instruction (the prompt) and the response (the answer),
+    never the thought. Pointwise: a score parsed from its reply, scaled to [0, 1]. Pairwise: each response's win rate
+    against the others of its group, both orders asked (n(n-1) judge calls per group)."""
+
+    kind: Literal["judge"] = Field(description="LLM-as-a-judge (Thought Preference Optimisation's judge).")
+    model_path: str | None = Field(None, description="HF causal LM that judges; null uses the policy's initial weights.")
+    engine: Literal["vllm", "hf"] = Field("vllm", description="Engine of the judge's actor.")
+    mode: Literal["pointwise", "pairwise"] = Field("pointwise", description="Score each response alone, or compare the responses of a group two by two.")
+    template: str = Field("Rate the response to the instruction from 1 to 10. Reply as 'Score: N'.\n\nInstruction:\n{prompt}\n\nResponse:\n{response}\n\n",
+                          min_length=1, max_length=8000, description="Pointwise judge prompt; {prompt} and {response} are filled in.")
+    pairwise_template: str = Field("Which response follows the instruction better? Reply as 'Winner: A' or 'Winner: B'.\n\nInstruction:\n{prompt}\n\n"
+                                   "Response A:\n{response_a}\n\nResponse B:\n{response_b}\n\n", min_length=1, max_length=8000,
+                                   description="Pairwise judge prompt; {prompt}, {response_a} and {response_b} are filled in.")
+    score_pattern: str = Field(r"Score:\s*(-?\d+(?:\.\d+)?)", min_length=1, max_length=500, description="Regex whose first group is the pointwise score (first match counts).")
+    winner_pattern: str = Field(r"Winner:\s*([AB])", min_length=1, max_length=500, description="Regex whose first group is A or B (pairwise).")
+    score_min: float = Field(1.0, ge=-1e6, le=1e6, description="Lowest valid score; maps to 0 (scores outside the range are unparsable).")
+    score_max: float = Field(10.0, ge=-1e6, le=1e6, description="Highest valid score; maps to 1.")
+    max_retries: int = Field(2, ge=0, le=10, description="Fresh samples asked for when a reply cannot be parsed; then the trace is unparsable.")
+    temperature: float = Field(0.0, ge=0, le=10, description="Sampling temperature of the first ask; retries sample at max(temperature, 0.7).")
+    max_new_tokens: int = Field(32, ge=1, le=32768, description="Longest judge reply in tokens.")
+    cache_size: int = Field(100000, ge=0, le=10_000_000, description="Verdicts kept, keyed by a hash of the exact text the judge saw; 0 disables.")
+    kv_cache_gib: float = Field(1.0, gt=0, le=1024, description="KV-cache memory of the judge's vLLM engine, GiB (CPU backend).")
+    num_cpus: float = Field(0.0, ge=0, le=256, description="Ray CPUs reserved for the judge's actor.")
+    num_gpus: float = Field(0.0, ge=0, le=8, description="Ray GPUs reserved for the judge's actor.")
+
+
 Component = Annotated[
     ExactComponent | MathComponent | NumericComponent | ChoiceComponent | FormatComponent | OverlongComponent
-    | LikelihoodComponent | RewardModelComponent,
+    | LikelihoodComponent | RewardModelComponent | JudgeComponent,
     Field(discriminator="kind"),
 ]
 CHECKER_KINDS = ("exact", "math", "numeric", "choice")  # components that judge the answer: require_stop and the timeout apply
-MODEL_KINDS = ("likelihood", "reward_model")  # components whose model lives in its own Ray actor
+MODEL_KINDS = ("likelihood", "reward_model", "judge")  # components whose model lives in its own Ray actor
 
 
 class RewardConfig(_Section):
@@ -349,6 +377,16 @@ def _check_consistency(cfg: ExperimentConfig, source: str) -> None:
         if names.count(name) > 1:
             raise ConfigError(f"{source}: reward.components: the name {name!r} is used twice (names key the metrics)")
     for c in cfg.reward.resolved_components():
+        if c.kind == "judge" and c.score_min >= c.score_max:
+            raise ConfigError(f"{source}: reward.components {c.name}: score_min ({c.score_min}) must be below score_max ({c.score_max})")
+        if c.kind == "judge":
+            for field in ("score_pattern", "winner_pattern"):
+                try:
+                    groups = re.compile(getattr(c, field)).groups
+                except re.error as exc:
+                    raise ConfigError(f"{source}: reward.components {c.name}: {field} is not a regex ({exc})") from None
+                if groups < 1:
+                    raise ConfigError(f"{source}: reward.components {c.name}: {field} needs a capturing group")
         if c.kind == "overlong" and c.cache_tokens >= (c.max_tokens or cfg.rollout.max_new_tokens):
             raise ConfigError(f"{source}: reward.components {c.name}: cache_tokens ({c.cache_tokens}) must be below max_tokens "
                               f"({c.max_tokens or cfg.rollout.max_new_tokens})")

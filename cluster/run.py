@@ -123,15 +123,20 @@ class Cluster:
         ray.get([a.__ray_ready__.remote() for a in self.actors])
 
     def _start_reward_models(self, env: dict) -> dict:
-        """One Ray actor per model component (likelihood LM, reward model), shared by every reward actor."""
+        """One Ray actor per model component (likelihood LM, reward model, judge engine), shared by every reward actor."""
         from scratchpad.cluster.config import MODEL_KINDS
+        from scratchpad.cluster.judge_engine import JudgeEngine
         from scratchpad.rewards.models import ModelScorer
 
-        return {
-            c.name: ray.remote(ModelScorer).options(num_cpus=c.num_cpus, runtime_env=env).remote(
-                c, self.model_path, self.cfg.run.threads_per_actor)
-            for c in self.cfg.reward.resolved_components() if c.kind in MODEL_KINDS
-        }
+        started = {}
+        for c in self.cfg.reward.resolved_components():
+            if c.kind == "judge":
+                started[c.name] = ray.remote(JudgeEngine).options(num_cpus=c.num_cpus, num_gpus=c.num_gpus, runtime_env=env).remote(
+                    c, self.model_path, self.cfg.model.dtype, 0, self.cfg.run.threads_per_actor)
+            elif c.kind in MODEL_KINDS:
+                started[c.name] = ray.remote(ModelScorer).options(num_cpus=c.num_cpus, runtime_env=env).remote(
+                    c, self.model_path, self.cfg.run.threads_per_actor)
+        return started
 
     def __exit__(self, *exc) -> None:
         for signum, handler in self.previous_handlers.items():

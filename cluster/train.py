@@ -40,9 +40,9 @@ def _split(items: list, parts: int) -> list[list]:
     return [items[i::parts] for i in range(parts)]
 
 
-def score_in_pool(cluster: Cluster, refs: list, samples: int) -> list[dict]:
-    """Hand each generated chunk to the least-busy reward actor. At most reward.max_pending calls wait per actor:
-    when every queue is full, dispatch waits for one to drain (backpressure) instead of piling work up."""
+def score_in_pool(cluster: Cluster, refs: list, method: str, *args) -> list:
+    """Call `method` of the least-busy reward actor on each generated chunk. At most reward.max_pending calls wait per
+    actor (Ray refuses more): when every queue is full, dispatch waits for one to drain (backpressure)."""
     limit, pending, order = cluster.cfg.reward.max_pending, {i: [] for i in range(len(cluster.rewarders))}, []
     for ref in refs:
         while min(len(p) for p in pending.values()) >= limit:
@@ -50,7 +50,7 @@ def score_in_pool(cluster: Cluster, refs: list, samples: int) -> list[dict]:
             for p in pending.values():
                 p[:] = [r for r in p if r not in done]
         actor = min(pending, key=lambda i: len(pending[i]))
-        call = cluster.rewarders[actor].score_and_push.remote(ref, samples)
+        call = getattr(cluster.rewarders[actor], method).remote(ref, *args)
         pending[actor].append(call)
         order.append(call)
     return ray.get(order)
@@ -62,7 +62,7 @@ def produce(cluster: Cluster, prompts: list, timer: Timer, samples: int) -> dict
         gen = [r.generate.remote(chunk) for r, chunk in zip(cluster.rollouts, _split(prompts, len(cluster.rollouts))) if chunk]
         ray.wait(gen, num_returns=len(gen), fetch_local=False)
     with timer.phase("reward"):
-        stats = score_in_pool(cluster, gen, samples)
+        stats = score_in_pool(cluster, gen, "score_and_push", samples)
     weights = [s["traces"] for s in stats]
     merged = {k: sum(s[k] * w for s, w in zip(stats, weights)) / max(1, sum(weights)) for k in stats[0] if isinstance(stats[0][k], float)}
     merged |= {k: sum(s[k] for s in stats) for k in stats[0] if k.startswith("count_")}  # per-status counts add up
@@ -74,7 +74,7 @@ def produce(cluster: Cluster, prompts: list, timer: Timer, samples: int) -> dict
 def evaluate(cluster: Cluster, prompts: list) -> dict:
     """Greedy accuracy on held-out prompts, overall and by task length."""
     gen = [r.generate.remote(chunk, True) for r, chunk in zip(cluster.rollouts, _split(prompts, len(cluster.rollouts))) if chunk]
-    groups = [g for part in ray.get([cluster.rewarders[0].score.remote(ref) for ref in gen]) for g in part]
+    groups = [g for part in score_in_pool(cluster, gen, "score") for g in part]
     by_len: dict[str, list[float]] = defaultdict(list)
     correct = []
     key = cluster.cfg.reward.accuracy_component()

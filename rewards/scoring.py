@@ -65,8 +65,15 @@ class Scorer:
         self.cfg, self.max_new_tokens = cfg, max_new_tokens
         self.components = cfg.resolved_components()
         self.models = dict(models or {})
+        self.judges = {}
         for c in self.components:
-            if c.kind in MODEL_KINDS and c.name not in self.models:
+            if c.kind == "judge":
+                if c.name not in self.models:
+                    raise ValueError(f"reward component {c.name}: a judge needs its engine (cluster/run.py starts one)")
+                from scratchpad.rewards.judge import Judge
+
+                self.judges[c.name] = Judge(c, self.models[c.name])  # one per scorer: its verdict cache lives on
+            elif c.kind in MODEL_KINDS and c.name not in self.models:
                 from scratchpad.rewards.models import load_model_scorer
 
                 self.models[c.name] = load_model_scorer(c, policy_path)
@@ -114,6 +121,11 @@ class Scorer:
     def _component(self, c, traces: list[Trace]) -> list[Outcome]:
         if c.kind in CHECKER_KINDS:
             return self._checker(c, traces)
+        if c.kind == "judge":
+            try:
+                return self.judges[c.name].score(traces)
+            except Exception as exc:  # the judge's engine actor failed: every trace it should have judged says so
+                return [Outcome("error", 0.0, f"{type(exc).__name__}: {exc}"[:500])] * len(traces)
         if c.kind in MODEL_KINDS:
             return self._model(c, traces)
         if c.kind == "format":
