@@ -85,3 +85,47 @@ def test_train_rm_cli_learns_preferences_the_reward_model_component_uses(tiny_mo
     assert all(r.status == "ok" for r in results)
     wins = sum(g.traces[0].reward > g.traces[1].reward for g in groups)
     assert wins / len(groups) >= 0.8, f"chosen above rejected on {wins}/{len(groups)} held-out pairs ({seconds:.0f}s of training)"
+
+
+@pytest.mark.integration
+def test_composed_reward_in_ray_actors(ray_cluster, tiny_model, cache_dir):
+    """A reward actor on real Ray: answer checks in its killable worker processes, the likelihood model and a vLLM
+    judge each in their own actor, as cluster/run.py places them."""
+    import json
+
+    import ray
+
+    from conftest import small_config
+    from scratchpad.cluster.judge_engine import JudgeEngine
+    from scratchpad.cluster.run import actor_env
+    from scratchpad.rewards.models import ModelScorer
+    from scratchpad.rewards.scoring import RewardWorker
+
+    components = [
+        {"name": "answer", "kind": "math", "weight": 1.0},
+        {"name": "lik", "kind": "likelihood", "weight": 0.1},
+        {"name": "judge", "kind": "judge", "weight": 0.5, "template": "A=[{response},{response},{response}] i=1\n",
+         "score_pattern": r"<answer>(\d)</answer>", "score_min": 0, "score_max": 9, "max_new_tokens": 40},
+    ]
+    cfg = small_config(cache_dir, f"reward.components={json.dumps(components)}")
+    env = {"env_vars": actor_env(cfg)}
+    lik, judge = cfg.reward.components[1], cfg.reward.components[2]
+    models = {"lik": ray.remote(ModelScorer).options(num_cpus=0, runtime_env=env).remote(lik, tiny_model, 1),
+              "judge": ray.remote(JudgeEngine).options(num_cpus=0, runtime_env=env).remote(judge, tiny_model, "float32", 0, 1)}
+    worker = ray.remote(RewardWorker).options(num_cpus=0, runtime_env=env).remote(cfg.reward, None, 80, models, tiny_model)
+    try:
+        traces = []
+        for k, (thought, answer) in enumerate([("0:3 1:8", "8"), ("0:3", "3"), (None, None)]):
+            t = make_trace(answer=answer, k=k, reference="8")
+            t.prompt, t.thought = "A=[3,8,1] i=1\n", thought
+            traces.append(t)
+        [group] = ray.get(worker.score.remote([Group("g1", "p", 0, traces)]))
+    finally:
+        for actor in (worker, *models.values()):
+            ray.kill(actor)
+    right, wrong, empty = group.traces
+    assert (right.status, wrong.status, empty.status) == ("ok", "ok", "unparsable")
+    assert right.components["answer"] == 1.0 and wrong.components["answer"] == 0.0
+    assert right.components["judge"] == pytest.approx(8 / 9) and wrong.components["judge"] == pytest.approx(3 / 9)
+    assert right.components["lik"] > wrong.components["lik"]
+    assert right.reward == pytest.approx(1.0 + 0.1 * right.components["lik"] + 0.5 * 8 / 9)
