@@ -98,18 +98,43 @@ class CheckerPool:
 
     def __init__(self, size: int, timeout_s: float, warm: Sequence[str] = ()):
         self.timeout_s, self.warm = timeout_s, tuple(warm)
+        self.size = size
         self.workers = [_Worker(self.warm) for _ in range(size)]
         self.replaced = 0  # workers killed on timeout or found dead, over the pool's life
 
-    def _replace(self, worker: _Worker) -> None:
+    def _remove(self, worker: _Worker) -> None:
+        """Kill a worker; its replacement starts when there is work for it (see _refill), so a timeout is reported
+        without waiting for a new interpreter to start."""
         worker.stop()
-        self.workers[self.workers.index(worker)] = _Worker(self.warm)
+        self.workers.remove(worker)
         self.replaced += 1
+
+    def _refill(self) -> None:
+        while len(self.workers) < self.size:
+            self.workers.append(_Worker(self.warm))
+
+    def wait_ready(self) -> "CheckerPool":
+        """Block until every worker has started (imports done), so the first batch pays no start-up."""
+        self._refill()
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not all(w.ready for w in self.workers):
+            for conn in wait([w.conn for w in self.workers if not w.ready], timeout=max(0.0, deadline - time.monotonic())):
+                w = next(x for x in self.workers if x.conn is conn)
+                try:
+                    status, _, _ = conn.recv()
+                except (EOFError, OSError):
+                    raise RuntimeError(f"a checker worker exited while starting (exit code {w.exitcode})") from None
+                w.ready = status == "ready"
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"checker workers did not start within {STARTUP_TIMEOUT_S}s")
+        return self
 
     def run(self, jobs: Sequence[tuple[Callable, tuple, dict]]) -> list[Outcome]:
         results: list[Outcome | None] = [None] * len(jobs)
         queue = deque(range(len(jobs)))
         while queue or any(w.job is not None for w in self.workers):
+            if queue:
+                self._refill()
             for w in self.workers:
                 if w.ready and w.job is None and queue:
                     w.job = queue.popleft()
@@ -127,7 +152,7 @@ class CheckerPool:
                         raise RuntimeError(f"a checker worker exited while starting (exit code {w.exitcode})") from None
                     if w.job is not None:
                         results[w.job] = Outcome("error", None, f"checker process died (exit code {w.exitcode})")
-                    self._replace(w)
+                    self._remove(w)
                     continue
                 if status == "ready":
                     w.ready = True
@@ -138,7 +163,7 @@ class CheckerPool:
             for w in list(self.workers):
                 if w.job is not None and now >= w.deadline:
                     results[w.job] = Outcome("timeout", None, f"check exceeded {self.timeout_s}s; its worker was killed")
-                    self._replace(w)
+                    self._remove(w)
                 elif not w.ready and now - w.started > STARTUP_TIMEOUT_S:
                     raise RuntimeError(f"a checker worker did not start within {STARTUP_TIMEOUT_S}s (exit code {w.exitcode})")
         return results  # type: ignore[return-value]

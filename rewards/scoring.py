@@ -80,7 +80,7 @@ class Scorer:
         kinds = {c.kind for c in self.components}
         # Workers import the checkers (and math-verify) before they say ready, so no check's deadline pays for it.
         warm = sorted({checkers.CHECKERS[k].__module__ for k in kinds if k in CHECKER_KINDS}) + (["math_verify"] if "math" in kinds else [])
-        self.pool = CheckerPool(cfg.checker_workers, cfg.timeout_s, warm) if kinds & set(CHECKER_KINDS) else None
+        self.pool = CheckerPool(cfg.checker_workers, cfg.timeout_s, warm).wait_ready() if kinds & set(CHECKER_KINDS) else None
 
     def _checker(self, c, traces: list[Trace]) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(traces)
