@@ -6,7 +6,7 @@ Every component returns, per trace, a value and a status ("ok", "timeout",
 "error", "unparsable"); a trace's status is the worst of its components', its
 reward the weighted sum of their values (a failed component counts 0). Answer
 checks run in killable worker processes (rewards/sandbox.py); model components
-(likelihood, reward model) call a model that usually lives in its own Ray actor.
+(likelihood, reward model, the judge's engine) call a model that usually lives in its own Ray actor.
 """
 from __future__ import annotations
 

@@ -183,3 +183,15 @@ def test_train_rm_mistakes_get_one_line_and_exit_2(tmp_path, args, words):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and words in lines[0] and "Traceback" not in result.stderr
+
+
+def test_every_component_field_is_documented():
+    import typing
+
+    from scratchpad.cluster import config
+
+    kinds = typing.get_args(typing.get_args(config.Component)[0])
+    assert len(kinds) == 9
+    missing = [f"{cls.__name__}.{name}" for cls in (*kinds, config.RewardModelTrainConfig)
+               for name, field in cls.model_fields.items() if not (field.description or "").strip()]
+    assert not missing, f"undocumented fields: {missing}"
