@@ -23,6 +23,9 @@ def _parser() -> argparse.ArgumentParser:
     make.add_argument("config", nargs="?", help="YAML experiment (default: built-in defaults)")
     make.add_argument("overrides", nargs="*", help="key.sub=value settings that override the YAML")
     make.add_argument("--force", action="store_true", help="rebuild even if cached")
+    rm = sub.add_parser("train-rm", help="train a Bradley-Terry reward model from JSONL preference pairs {prompt, chosen, rejected}")
+    rm.add_argument("config", nargs="?", help="YAML of train-rm settings (RewardModelTrainConfig), or only key=value settings")
+    rm.add_argument("overrides", nargs="*", help="key=value settings, e.g. train_path=pairs.jsonl output_dir=rm steps=300")
     status = sub.add_parser("status", help="print a run's buffer counters and whether produced = trained + dropped + in flight")
     status.add_argument("run_dir")
     return parser
@@ -52,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "status":
             return _status(Path(args.run_dir))
+        if args.command == "train-rm":
+            return _train_rm(args)
     except ConfigError as err:
         print(f"scratchpad: error: {err}", file=sys.stderr)
         return 2
@@ -93,6 +98,38 @@ def _train(args) -> int:
         f"done in {summary['wall_seconds']:.0f}s: held-out accuracy {summary['accuracy_before']:.3f} -> "
         f"{summary['accuracy_after']:.3f}; outputs in {run_dir}"
     )
+    return 0
+
+
+def _train_rm(args) -> int:
+    import tempfile
+
+    from scratchpad.cluster.config import ExperimentConfig, RewardModelTrainConfig
+    from scratchpad.rewards.train_rm import read_pairs, train_reward_model
+
+    cfg = load_config(args.config, args.overrides, schema=RewardModelTrainConfig)
+    pairs = {}
+    for name in ("train_path", "eval_path"):
+        path = getattr(cfg, name)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"train-rm: {name}: no such file {path}")
+        try:
+            pairs[name] = read_pairs(path) if path else []
+        except ValueError as exc:  # a malformed pairs file: one line naming file and line
+            raise ConfigError(f"train-rm: {exc}") from None
+    with tempfile.TemporaryDirectory(prefix="scratchpad-rm-base-") as scratch:
+        base = cfg.base_path
+        if base is None:  # the tiny architecture and character tokenizer, random weights
+            from scratchpad.cluster.make_model import build_random_model, build_tokenizer
+
+            tokenizer = build_tokenizer()
+            build_random_model(ExperimentConfig(model={"tiny": cfg.tiny.model_dump()}), tokenizer).save_pretrained(scratch)
+            tokenizer.save_pretrained(scratch)
+            base = scratch
+        info = train_reward_model(cfg, base, pairs["train_path"], pairs["eval_path"])
+    accuracy = f", held-out pairwise accuracy {info['eval_accuracy']:.3f}" if info["eval_accuracy"] is not None else ""
+    print(f"reward model saved to {cfg.output_dir} ({info['pairs']} pairs, {info['steps']} steps, {info['seconds']:.0f}s"
+          f", train pairwise accuracy {info['train_accuracy']:.3f}{accuracy})")
     return 0
 
 

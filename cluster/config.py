@@ -7,8 +7,9 @@ and carries a one-line description (tests/test_config.py enforces the last).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -76,14 +77,142 @@ class RolloutConfig(_Section):
     seed: int = Field(0, ge=0, description="Sampler seed; engine i uses seed + i.")
 
 
-class RewardConfig(_Section):
-    """Reward actors: score the answer (never the thought)."""
+_NAME = r"^[a-z][a-z0-9_]{0,39}$"  # a component's name becomes a metric key: component_<name>
 
-    correct_weight: float = Field(1.0, ge=-100, le=100, description="Weight of the answer-correctness component (1 if the answer matches).")
-    format_weight: float = Field(0.0, ge=-100, le=100, description="Weight of the format component (1 if <answer>..</answer> closes the completion).")
+
+class _Component(_Section):
+    name: str = Field(pattern=_NAME, description="Name of the component: its key in a trace's components and its metric (component_<name>).")
+    weight: float = Field(1.0, ge=-100, le=100, description="Multiplier of this component's value in the trace's reward (a weighted sum).")
+
+
+class ExactComponent(_Component):
+    """1 if the answer equals the reference after normalisation (case, surrounding and repeated whitespace)."""
+
+    kind: Literal["exact"] = Field(description="Normalised exact match of answer and reference.")
+
+
+class MathComponent(_Component):
+    """1 if math-verify finds answer and reference equivalent (LaTeX, \\boxed{}, fractions, sets, intervals)."""
+
+    kind: Literal["math"] = Field(description="Mathematical equivalence through the math-verify package.")
+    float_rounding: int = Field(6, ge=0, le=15, description="Decimal places numbers are rounded to before they are compared.")
+
+
+class NumericComponent(_Component):
+    """1 if both parse as numbers within tolerance: |a - r| <= max(abs_tol, rel_tol * |r|)."""
+
+    kind: Literal["numeric"] = Field(description="Numbers compared with a tolerance (commas, %, and a trailing unit ignored).")
+    rel_tol: float = Field(1e-6, ge=0, le=1, description="Relative tolerance, a fraction of |reference|.")
+    abs_tol: float = Field(1e-9, ge=0, le=1e12, description="Absolute tolerance.")
+
+
+class ChoiceComponent(_Component):
+    """1 if the chosen option letter equals the reference's ("B", "(b)", "B) 42", "answer: B" all read as B)."""
+
+    kind: Literal["choice"] = Field(description="Multiple choice: the option letter is extracted and compared.")
+    options: str = Field("ABCDEFGHIJ", min_length=2, max_length=26, pattern=r"^[A-Z]+$", description="Valid option letters, upper case.")
+
+
+class FormatComponent(_Component):
+    """1 if the completion ends with a closed <answer> block (and a <think> block when require_thought)."""
+
+    kind: Literal["format"] = Field(description="Format reward: an answer block that closes the completion.")
+    require_thought: bool = Field(False, description="Also require a <think>..</think> block before the answer.")
+
+
+class OverlongComponent(_Component):
+    """DAPO's soft overlong penalty on completion tokens: 0 up to max_tokens - cache_tokens, then linear down to -1 at
+    max_tokens, -1 beyond."""
+
+    kind: Literal["overlong"] = Field(description="Soft length penalty (DAPO), in completion tokens.")
+    max_tokens: int | None = Field(None, ge=1, le=1_000_000, description="L_max, where the penalty reaches -1; null uses rollout.max_new_tokens.")
+    cache_tokens: int = Field(16, ge=1, le=1_000_000, description="L_cache, the width of the linear ramp before max_tokens.")
+
+
+class LikelihoodComponent(_Component):
+    """Quiet-STaR style: log p(reference | prompt, thought) under a scorer model, minus the group's mean. Needs no checker."""
+
+    kind: Literal["likelihood"] = Field(description="Log-likelihood of the reference answer given the thought, centred per group.")
+    model_path: str | None = Field(None, description="HF causal LM that scores; null uses the policy's initial weights (model.path or the tiny model).")
+    context_template: str = Field("{prompt}<think>{thought}</think><answer>", min_length=1, max_length=2000,
+                                  description="Text the reference is scored after; {prompt} and {thought} are filled in (a missing thought is empty).")
+    per_token: bool = Field(False, description="Average log p over the reference's tokens instead of summing them.")
+    centre: bool = Field(True, description="Subtract the group's mean, so only the thought's effect is rewarded.")
+    batch_size: int = Field(32, ge=1, le=4096, description="Sequences per forward pass.")
+    num_cpus: float = Field(0.0, ge=0, le=256, description="Ray CPUs reserved for the scorer model's actor.")
+
+
+class RewardModelComponent(_Component):
+    """A sequence-classification reward model (e.g. one `scratchpad train-rm` made) scores prompt and answer."""
+
+    kind: Literal["reward_model"] = Field(description="Scalar score of an AutoModelForSequenceClassification with one label.")
+    model_path: str = Field(min_length=1, description="Directory (or hub id) of the reward model in Hugging Face format.")
+    input_template: str = Field("{prompt}{answer}", min_length=1, max_length=2000,
+                                description="What the reward model reads; {prompt} and {answer} are filled in, never the thought.")
+    max_length: int = Field(512, ge=8, le=32768, description="Longest input in tokens; longer ones keep their end.")
+    batch_size: int = Field(32, ge=1, le=4096, description="Sequences per forward pass.")
+    num_cpus: float = Field(0.0, ge=0, le=256, description="Ray CPUs reserved for the reward model's actor.")
+
+
+class JudgeComponent(_Component):
+    """An LLM judge on its own engine actor. It sees only the instruction (the prompt) and the response (the answer),
+    never the thought. Pointwise: a score parsed from its reply, scaled to [0, 1]. Pairwise: each response's win rate
+    against the others of its group, both orders asked (n(n-1) judge calls per group)."""
+
+    kind: Literal["judge"] = Field(description="LLM-as-a-judge (Thought Preference Optimisation's judge).")
+    model_path: str | None = Field(None, description="HF causal LM that judges; null uses the policy's initial weights.")
+    engine: Literal["vllm", "hf"] = Field("vllm", description="Engine of the judge's actor.")
+    mode: Literal["pointwise", "pairwise"] = Field("pointwise", description="Score each response alone, or compare the responses of a group two by two.")
+    template: str = Field("Rate the response to the instruction from 1 to 10. Reply as 'Score: N'.\n\nInstruction:\n{prompt}\n\nResponse:\n{response}\n\n",
+                          min_length=1, max_length=8000, description="Pointwise judge prompt; {prompt} and {response} are filled in.")
+    pairwise_template: str = Field("Which response follows the instruction better? Reply as 'Winner: A' or 'Winner: B'.\n\nInstruction:\n{prompt}\n\n"
+                                   "Response A:\n{response_a}\n\nResponse B:\n{response_b}\n\n", min_length=1, max_length=8000,
+                                   description="Pairwise judge prompt; {prompt}, {response_a} and {response_b} are filled in.")
+    score_pattern: str = Field(r"Score:\s*(-?\d+(?:\.\d+)?)", min_length=1, max_length=500, description="Regex whose first group is the pointwise score (first match counts).")
+    winner_pattern: str = Field(r"Winner:\s*([AB])", min_length=1, max_length=500, description="Regex whose first group is A or B (pairwise).")
+    score_min: float = Field(1.0, ge=-1e6, le=1e6, description="Lowest valid score; maps to 0 (scores outside the range are unparsable).")
+    score_max: float = Field(10.0, ge=-1e6, le=1e6, description="Highest valid score; maps to 1.")
+    max_retries: int = Field(2, ge=0, le=10, description="Fresh samples asked for when a reply cannot be parsed; then the trace is unparsable.")
+    temperature: float = Field(0.0, ge=0, le=10, description="Sampling temperature of the first ask; retries sample at max(temperature, 0.7).")
+    max_new_tokens: int = Field(32, ge=1, le=32768, description="Longest judge reply in tokens.")
+    cache_size: int = Field(100000, ge=0, le=10_000_000, description="Verdicts kept, keyed by a hash of the exact text the judge saw; 0 disables.")
+    kv_cache_gib: float = Field(1.0, gt=0, le=1024, description="KV-cache memory of the judge's vLLM engine, GiB (CPU backend).")
+    num_cpus: float = Field(0.0, ge=0, le=256, description="Ray CPUs reserved for the judge's actor.")
+    num_gpus: float = Field(0.0, ge=0, le=8, description="Ray GPUs reserved for the judge's actor.")
+
+
+Component = Annotated[
+    ExactComponent | MathComponent | NumericComponent | ChoiceComponent | FormatComponent | OverlongComponent
+    | LikelihoodComponent | RewardModelComponent | JudgeComponent,
+    Field(discriminator="kind"),
+]
+CHECKER_KINDS = ("exact", "math", "numeric", "choice")  # components that judge the answer: require_stop and the timeout apply
+MODEL_KINDS = ("likelihood", "reward_model", "judge")  # components whose model lives in its own Ray actor
+
+
+class RewardConfig(_Section):
+    """Reward actors: a weighted sum of named components that score the answer (never the thought)."""
+
+    components: list[Component] | None = Field(None, min_length=1, max_length=32,
+                                               description="Named, weighted scorers summed into the reward; null means [correct (exact, correct_weight), format (format_weight)].")
+    correct_weight: float = Field(1.0, ge=-100, le=100, description="Weight of the answer-correctness component when components is null (1 if the answer matches).")
+    format_weight: float = Field(0.0, ge=-100, le=100, description="Weight of the format component when components is null (1 if <answer>..</answer> closes the completion).")
     require_stop: bool = Field(True, description="Count an answer as correct only if the completion ends right after it (no text after </answer>).")
-    timeout_s: float = Field(5.0, gt=0, le=3600, description="Seconds one trace's check may take before it is marked timeout with zero reward.")
+    timeout_s: float = Field(5.0, gt=0, le=3600, description="Seconds one answer check may take before its worker process is killed and the trace marked timeout.")
+    checker_workers: int = Field(2, ge=1, le=256, description="Worker processes per reward actor that run answer checks (killed and replaced on timeout).")
     num_actors: int = Field(1, ge=1, le=1024, description="Reward actors scoring in parallel.")
+    max_pending: int = Field(2, ge=1, le=1024, description="Scoring calls queued per reward actor; more waits (backpressure) instead of piling up.")
+
+    def resolved_components(self) -> list:
+        """The components in force: the configured list, or the legacy pair built from correct_weight and format_weight."""
+        if self.components is not None:
+            return list(self.components)
+        return [ExactComponent(name="correct", kind="exact", weight=self.correct_weight),
+                FormatComponent(name="format", kind="format", weight=self.format_weight)]
+
+    def accuracy_component(self) -> str | None:
+        """The first answer checker's name: its 0/1 value is what `accuracy` and held-out evaluation report."""
+        return next((c.name for c in self.resolved_components() if c.kind in CHECKER_KINDS), None)
 
 
 class BufferConfig(_Section):
@@ -153,6 +282,24 @@ class RunConfig(_Section):
     ray_address: str | None = Field(None, description="Address of a Ray cluster to join; null joins $RAY_ADDRESS when set (as inside `ray job submit`), else starts a private local one.")
     num_cpus: int | None = Field(None, ge=1, le=100000, description="CPUs a private local Ray cluster may use; null uses all of the machine's.")
     threads_per_actor: int = Field(1, ge=1, le=256, description="torch threads in each actor; 1 keeps 2-core machines from oversubscribing.")
+
+
+class RewardModelTrainConfig(_Section):
+    """`scratchpad train-rm`: a Bradley-Terry reward model from JSONL preference pairs {prompt, chosen, rejected}."""
+
+    train_path: str = Field(min_length=1, description="JSONL file, one {prompt, chosen, rejected} object per line.")
+    eval_path: str | None = Field(None, description="JSONL file of held-out pairs; the share scored chosen > rejected is reported.")
+    output_dir: str = Field(min_length=1, description="Where the reward model is saved in Hugging Face format (AutoModelForSequenceClassification).")
+    base_path: str | None = Field(None, description="HF model to start from (its backbone; a fresh one-output head); null builds the tiny architecture with random weights.")
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Shape of the tiny architecture (used when base_path is null).")
+    input_template: str = Field("{prompt}{answer}", min_length=1, max_length=2000, description="What the model reads; {prompt} and {answer} (the chosen or rejected response) are filled in. Use the same in the reward_model component.")
+    steps: int = Field(300, ge=1, le=10_000_000, description="Optimizer steps.")
+    batch_size: int = Field(16, ge=1, le=4096, description="Preference pairs per step.")
+    lr: float = Field(3e-4, gt=0, le=1, description="AdamW learning rate (linear decay to 0).")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
+    max_length: int = Field(512, ge=8, le=32768, description="Longest input in tokens; longer ones keep their end.")
+    threads: int | None = Field(None, ge=1, le=256, description="torch threads; null leaves torch's default.")
+    seed: int = Field(0, ge=0, description="Seed of the head's initialisation and the order of pairs.")
 
 
 class ExperimentConfig(_Section):
@@ -227,8 +374,8 @@ def _read_yaml(path: Path, seen: tuple[Path, ...]) -> dict:
     return _merge(_read_yaml(base_path, (*seen, path.resolve())), data)
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
-    """Read a YAML experiment, apply `key.sub=value` overrides, validate; ConfigError on any mistake."""
+def load_config(path: str | Path | None, overrides: list[str] = (), schema: type[BaseModel] | None = None):
+    """Read a YAML experiment (or another `schema`), apply `key.sub=value` overrides, validate; ConfigError on any mistake."""
     data: dict = {}
     source = "defaults"
     if path is not None:
@@ -241,10 +388,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Experimen
         _set_path(data, key.strip(), _parse_scalar(value))
         source = f"{source} + overrides" if "overrides" not in source else source
     try:
-        cfg = ExperimentConfig.model_validate(data)
+        cfg = (schema or ExperimentConfig).model_validate(data)
     except ValidationError as err:
         raise ConfigError(_one_line(err, source)) from None
-    _check_consistency(cfg, source)
+    if isinstance(cfg, ExperimentConfig):
+        _check_consistency(cfg, source)
     return cfg
 
 
@@ -269,6 +417,24 @@ def _check_consistency(cfg: ExperimentConfig, source: str) -> None:
     url = cfg.buffer.redis_url
     if url is not None and not url.startswith(("redis://", "rediss://")):
         raise ConfigError(f"{source}: buffer.redis_url must start with redis:// or rediss:// (got {url!r})")
+    names = [c.name for c in cfg.reward.resolved_components()]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"{source}: reward.components: the name {name!r} is used twice (names key the metrics)")
+    for c in cfg.reward.resolved_components():
+        if c.kind == "judge" and c.score_min >= c.score_max:
+            raise ConfigError(f"{source}: reward.components {c.name}: score_min ({c.score_min}) must be below score_max ({c.score_max})")
+        if c.kind == "judge":
+            for field in ("score_pattern", "winner_pattern"):
+                try:
+                    groups = re.compile(getattr(c, field)).groups
+                except re.error as exc:
+                    raise ConfigError(f"{source}: reward.components {c.name}: {field} is not a regex ({exc})") from None
+                if groups < 1:
+                    raise ConfigError(f"{source}: reward.components {c.name}: {field} needs a capturing group")
+        if c.kind == "overlong" and c.cache_tokens >= (c.max_tokens or cfg.rollout.max_new_tokens):
+            raise ConfigError(f"{source}: reward.components {c.name}: cache_tokens ({c.cache_tokens}) must be below max_tokens "
+                              f"({c.max_tokens or cfg.rollout.max_new_tokens})")
     if cfg.rollout.n < 2:
         raise ConfigError(f"{source}: rollout.n must be at least 2 ({cfg.learner.algorithm} uses group-relative advantages)")
 

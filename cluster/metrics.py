@@ -23,6 +23,8 @@ class RayMetrics:
             for name in EXPORTED
         }
         self.phase = Gauge("scratchpad_phase_seconds", description="seconds per step by phase", tag_keys=("run", "phase"))
+        self.statuses = Gauge("scratchpad_reward_traces", description="traces per step by reward status, overall (component 'all') and per component",
+                              tag_keys=("run", "component", "status"))
         self.buffer = Gauge("scratchpad_buffer_groups", description="buffer counters: produced, trained, dropped, in_flight",
                             tag_keys=("run", "counter"))
 
@@ -34,6 +36,9 @@ class RayMetrics:
             match = re.fullmatch(r"time_(\w+)", key)
             if match:
                 self.phase.set(float(value), tags={**self.tags, "phase": match.group(1)})
+            match = re.fullmatch(r"count_(?:(\w+)_)?(ok|timeout|error|unparsable)", key)
+            if match:
+                self.statuses.set(float(value), tags={**self.tags, "component": match.group(1) or "all", "status": match.group(2)})
         for key in ("produced", "trained", "dropped", "in_flight"):
             if counters and key in counters:
                 self.buffer.set(float(counters[key]), tags={**self.tags, "counter": key})

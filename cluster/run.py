@@ -116,8 +116,10 @@ class Cluster:
                                 name=None).remote(cfg, self.model_path, i)
             for i in range(cfg.rollout.num_engines)
         ]
+        self.reward_models = self._start_reward_models(env)
         self.rewarders = [
-            ray.remote(RewardWorker).options(num_cpus=0, runtime_env=env).remote(cfg.reward, self.address)
+            ray.remote(RewardWorker).options(num_cpus=0, runtime_env=env, max_pending_calls=cfg.reward.max_pending).remote(
+                cfg.reward, self.address, cfg.rollout.max_new_tokens, self.reward_models, self.model_path)
             for _ in range(cfg.reward.num_actors)
         ]
         port = free_port()  # rank 0's rendezvous port for torch.distributed (gloo on CPU)
@@ -127,8 +129,24 @@ class Cluster:
             for rank in range(cfg.learner.ranks)
         ]
         self.learner = self.learners[0]  # publishes weights and writes the final model
-        self.actors = [*self.rollouts, *self.rewarders, *self.learners]
+        self.actors = [*self.rollouts, *self.reward_models.values(), *self.rewarders, *self.learners]
         ray.get([a.__ray_ready__.remote() for a in self.actors])
+
+    def _start_reward_models(self, env: dict) -> dict:
+        """One Ray actor per model component (likelihood LM, reward model, judge engine), shared by every reward actor."""
+        from scratchpad.cluster.config import MODEL_KINDS
+        from scratchpad.cluster.judge_engine import JudgeEngine
+        from scratchpad.rewards.models import ModelScorer
+
+        started = {}
+        for c in self.cfg.reward.resolved_components():
+            if c.kind == "judge":
+                started[c.name] = ray.remote(JudgeEngine).options(num_cpus=c.num_cpus, num_gpus=c.num_gpus, runtime_env=env).remote(
+                    c, self.model_path, self.cfg.model.dtype, 0, self.cfg.run.threads_per_actor)
+            elif c.kind in MODEL_KINDS:
+                started[c.name] = ray.remote(ModelScorer).options(num_cpus=c.num_cpus, runtime_env=env).remote(
+                    c, self.model_path, self.cfg.run.threads_per_actor)
+        return started
 
     def __exit__(self, *exc) -> None:
         for signum, handler in self.previous_handlers.items():

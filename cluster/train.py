@@ -20,6 +20,7 @@ from scratchpad.cluster.config import ExperimentConfig, dump_config
 from scratchpad.cluster.make_model import resolve_model
 from scratchpad.cluster.report import write_outputs
 from scratchpad.cluster.run import Cluster
+from scratchpad.rewards.scoring import is_correct
 
 
 class Timer:
@@ -39,16 +40,32 @@ def _split(items: list, parts: int) -> list[list]:
     return [items[i::parts] for i in range(parts)]
 
 
+def score_in_pool(cluster: Cluster, refs: list, method: str, *args) -> list:
+    """Call `method` of the least-busy reward actor on each generated chunk. At most reward.max_pending calls wait per
+    actor (Ray refuses more): when every queue is full, dispatch waits for one to drain (backpressure)."""
+    limit, pending, order = cluster.cfg.reward.max_pending, {i: [] for i in range(len(cluster.rewarders))}, []
+    for ref in refs:
+        while min(len(p) for p in pending.values()) >= limit:
+            done, _ = ray.wait([r for p in pending.values() for r in p], num_returns=1, fetch_local=False)
+            for p in pending.values():
+                p[:] = [r for r in p if r not in done]
+        actor = min(pending, key=lambda i: len(pending[i]))
+        call = getattr(cluster.rewarders[actor], method).remote(ref, *args)
+        pending[actor].append(call)
+        order.append(call)
+    return ray.get(order)
+
+
 def produce(cluster: Cluster, prompts: list, timer: Timer, samples: int) -> dict:
     """Sample groups for `prompts` on every engine; reward actors score them and push them to Redis."""
     with timer.phase("generate"):
         gen = [r.generate.remote(chunk) for r, chunk in zip(cluster.rollouts, _split(prompts, len(cluster.rollouts))) if chunk]
         ray.wait(gen, num_returns=len(gen), fetch_local=False)
     with timer.phase("reward"):
-        rewarders = cluster.rewarders
-        stats = ray.get([rewarders[i % len(rewarders)].score_and_push.remote(ref, samples) for i, ref in enumerate(gen)])
+        stats = score_in_pool(cluster, gen, "score_and_push", samples)
     weights = [s["traces"] for s in stats]
     merged = {k: sum(s[k] * w for s, w in zip(stats, weights)) / max(1, sum(weights)) for k in stats[0] if isinstance(stats[0][k], float)}
+    merged |= {k: sum(s[k] for s in stats) for k in stats[0] if k.startswith("count_")}  # per-status counts add up
     merged["generated_tokens"] = sum(s["generated_tokens"] for s in stats)
     merged["samples"] = [t for s in stats for t in s["samples"]]
     return merged
@@ -57,12 +74,13 @@ def produce(cluster: Cluster, prompts: list, timer: Timer, samples: int) -> dict
 def evaluate(cluster: Cluster, prompts: list) -> dict:
     """Greedy accuracy on held-out prompts, overall and by task length."""
     gen = [r.generate.remote(chunk, True) for r, chunk in zip(cluster.rollouts, _split(prompts, len(cluster.rollouts))) if chunk]
-    groups = [g for part in ray.get([cluster.rewarders[0].score.remote(ref) for ref in gen]) for g in part]
+    groups = [g for part in score_in_pool(cluster, gen, "score") for g in part]
     by_len: dict[str, list[float]] = defaultdict(list)
     correct = []
+    key = cluster.cfg.reward.accuracy_component()
     for g in groups:
         t = g.traces[0]
-        correct.append(t.components.get("correct", 0.0))
+        correct.append(is_correct(t, key))
         by_len[str(t.meta.get("length", "all"))].append(correct[-1])
     return {
         "prompts": len(groups),
@@ -217,6 +235,7 @@ def step_record(step: int, started: float, step_started: float, timer: Timer, pr
         "wall": time.time() - started,
         "step_seconds": time.time() - step_started,
         **{k: v for k, v in first.items() if isinstance(v, float)},
+        **{k: sum(p[k] for p in produced) for k in first if k.startswith("count_")},  # every status of the step, counted
         "tokens_per_s": sum(p["generated_tokens"] for p in produced) / max(gen_seconds, 1e-9),
         **{f"time_{k}": v for k, v in timer.seconds.items()},
         **learned,

@@ -1,0 +1,126 @@
+"""An LLM judge for Thought Preference Optimisation: it sees the instruction and the response, never the thought.
+
+The judge's text engine (`complete(texts, temperature, max_new_tokens) -> replies`) lives in its own Ray
+actor (cluster/judge_engine.py). Here: the prompts, the parsing of verdicts, bounded retries of unparsable
+replies, and a cache of verdicts keyed by a hash of exactly what the judge saw (the same prompt is never judged
+twice, and a changed template is never served a stale verdict).
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import OrderedDict
+from typing import Any
+
+from scratchpad.cluster.records import Trace
+from scratchpad.rewards.sandbox import Outcome
+
+RETRY_TEMPERATURE = 0.7  # a greedy judge would repeat its unparsable reply
+
+
+def _complete(engine: Any, texts: list[str], temperature: float, max_new_tokens: int) -> list[str]:
+    if hasattr(engine.complete, "remote"):
+        import ray
+
+        return ray.get(engine.complete.remote(texts, temperature, max_new_tokens))
+    return engine.complete(texts, temperature, max_new_tokens)
+
+
+class Judge:
+    """Pointwise scores in [0, 1] or pairwise win rates, one Outcome per trace."""
+
+    def __init__(self, component, engine: Any):
+        self.c, self.engine = component, engine
+        self.score_re, self.winner_re = re.compile(component.score_pattern), re.compile(component.winner_pattern)
+        self.cache: OrderedDict[str, Any] = OrderedDict()
+        self.asked = 0  # judge prompts sent to the engine (cache misses and retries), for tests and metrics
+        self.seen: list[str] = []  # the last batch's judge prompts, exactly as the judge read them
+
+    def _parse_score(self, reply: str) -> float | None:
+        match = self.score_re.search(reply)
+        if match is None:
+            return None
+        try:
+            value = float(match.group(1))
+        except ValueError:
+            return None
+        if not self.c.score_min <= value <= self.c.score_max:
+            return None
+        return (value - self.c.score_min) / (self.c.score_max - self.c.score_min)
+
+    def _parse_winner(self, reply: str) -> str | None:
+        match = self.winner_re.search(reply)
+        return match.group(1).upper() if match and match.group(1).upper() in ("A", "B") else None
+
+    def _verdicts(self, texts: list[str], parse) -> list[Any]:
+        """Parsed verdict per text (None when still unparsable after max_retries), through the cache."""
+        keys = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
+        verdicts = [self.cache.get(k) for k in keys]
+        for k in keys:
+            if k in self.cache:
+                self.cache.move_to_end(k)
+        first: dict[str, int] = {}  # identical prompts are asked once
+        for i, (k, v) in enumerate(zip(keys, verdicts)):
+            if v is None:
+                first.setdefault(k, i)
+        todo = list(first.values())
+        for attempt in range(self.c.max_retries + 1):
+            if not todo:
+                break
+            temperature = self.c.temperature if attempt == 0 else max(self.c.temperature, RETRY_TEMPERATURE)
+            replies = _complete(self.engine, [texts[i] for i in todo], temperature, self.c.max_new_tokens)
+            self.asked += len(todo)
+            still = []
+            for i, reply in zip(todo, replies):
+                verdict = parse(reply)
+                if verdict is None:
+                    still.append(i)
+                else:
+                    verdicts[i] = verdict
+                    if self.c.cache_size:
+                        self.cache[keys[i]] = verdict
+            todo = still
+        while len(self.cache) > self.c.cache_size:
+            self.cache.popitem(last=False)
+        by_key = {k: v for k, v in zip(keys, verdicts) if v is not None}
+        return [by_key.get(k) for k in keys]
+
+    def score(self, traces: list[Trace]) -> list[Outcome]:
+        unparsable = Outcome("unparsable", 0.0, "no <answer>..</answer> block")
+        if self.c.mode == "pointwise":
+            wanted = [i for i, t in enumerate(traces) if t.answer is not None]
+            texts = [self.c.template.format(prompt=traces[i].prompt.strip(), response=traces[i].answer) for i in wanted]
+            self.seen = texts
+            outcomes = [unparsable] * len(traces)
+            for i, v in zip(wanted, self._verdicts(texts, self._parse_score)):
+                outcomes[i] = Outcome("ok", v, None) if v is not None else Outcome(
+                    "unparsable", 0.0, f"judge reply unparsable after {self.c.max_retries} retries")
+            return outcomes
+        return self._pairwise(traces, unparsable)
+
+    def _pairwise(self, traces: list[Trace], unparsable: Outcome) -> list[Outcome]:
+        """Each answered trace against every other answered trace of its group, in both orders; value = win rate."""
+        groups: dict[str, list[int]] = {}
+        for i, t in enumerate(traces):
+            if t.answer is not None:
+                groups.setdefault(t.group_id, []).append(i)
+        pairs = [(a, b) for members in groups.values() for a in members for b in members if a != b]
+        texts = [self.c.pairwise_template.format(prompt=traces[a].prompt.strip(), response_a=traces[a].answer,
+                                                 response_b=traces[b].answer) for a, b in pairs]
+        self.seen = texts
+        wins: dict[int, list[float]] = {}
+        for (a, b), winner in zip(pairs, self._verdicts(texts, self._parse_winner)):
+            if winner is not None:
+                wins.setdefault(a, []).append(float(winner == "A"))
+                wins.setdefault(b, []).append(float(winner == "B"))
+        outcomes = []
+        for i, t in enumerate(traces):
+            if t.answer is None:
+                outcomes.append(unparsable)
+            elif i in wins:
+                outcomes.append(Outcome("ok", sum(wins[i]) / len(wins[i]), None))
+            elif len(groups[t.group_id]) == 1:
+                outcomes.append(Outcome("ok", 0.5, None))  # nothing to compare with: a neutral value
+            else:
+                outcomes.append(Outcome("unparsable", 0.0, f"no parsable pairwise verdict after {self.c.max_retries} retries"))
+        return outcomes
