@@ -28,7 +28,8 @@ class Engine(Protocol):
 class VLLMEngine:
     """An in-process vLLM engine (V1 multiprocessing off: one process, fast start, in-place reload)."""
 
-    def __init__(self, model_path: str, dtype: str, seed: int, kv_cache_gib: float, max_model_len: int, gpu: bool, enforce_eager: bool):
+    def __init__(self, model_path: str, dtype: str, seed: int, kv_cache_gib: float, max_model_len: int, gpu: bool, enforce_eager: bool,
+                 gpu_memory_utilization: float = 0.9):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if not gpu:
             # vLLM otherwise sizes its cache from NUMA node 0's free memory and refuses on small VMs.
@@ -43,6 +44,7 @@ class VLLMEngine:
             enable_prefix_caching=True,
             disable_log_stats=True,
             enforce_eager=enforce_eager,
+            **({"gpu_memory_utilization": gpu_memory_utilization} if gpu else {}),
         )
 
     def generate(self, prompts, n, temperature, top_p, max_tokens):

@@ -31,7 +31,8 @@ class RolloutWorker:
             from scratchpad.actors.engines import VLLMEngine
 
             max_len = self._max_model_len(model_path)
-            self.engine = VLLMEngine(model_path, cfg.model.dtype, seed, cfg.rollout.kv_cache_gib, max_len, gpu, cfg.rollout.enforce_eager)
+            self.engine = VLLMEngine(model_path, cfg.model.dtype, seed, cfg.rollout.kv_cache_gib, max_len, gpu, cfg.rollout.enforce_eager,
+                                      cfg.rollout.gpu_memory_utilization)
         else:
             from scratchpad.actors.engines import HFEngine
 

@@ -73,6 +73,7 @@ class RolloutConfig(_Section):
     temperature: float = Field(1.0, ge=0, le=10, description="Sampling temperature for training rollouts (evaluation is greedy).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass for training rollouts.")
     kv_cache_gib: float = Field(1.0, gt=0, le=1024, description="KV-cache memory per vLLM engine, GiB (CPU backend).")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of the GPU's memory each vLLM engine may take (GPU backend); lower it when engines and the learner share a GPU.")
     enforce_eager: bool = Field(True, description="Skip vLLM's torch.compile warm-up (about 15 s at start on CPU, no speed lost on tiny models).")
     seed: int = Field(0, ge=0, description="Sampler seed; engine i uses seed + i.")
 
@@ -177,6 +178,7 @@ class JudgeComponent(_Component):
     max_new_tokens: int = Field(32, ge=1, le=32768, description="Longest judge reply in tokens.")
     cache_size: int = Field(100000, ge=0, le=10_000_000, description="Verdicts kept, keyed by a hash of the exact text the judge saw; 0 disables.")
     kv_cache_gib: float = Field(1.0, gt=0, le=1024, description="KV-cache memory of the judge's vLLM engine, GiB (CPU backend).")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of the GPU's memory the judge's vLLM engine may take (GPU backend).")
     num_cpus: float = Field(0.0, ge=0, le=256, description="Ray CPUs reserved for the judge's actor.")
     num_gpus: float = Field(0.0, ge=0, le=8, description="Ray GPUs reserved for the judge's actor.")
 

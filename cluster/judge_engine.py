@@ -23,7 +23,8 @@ class JudgeEngine:
             from scratchpad.actors.engines import VLLMEngine
 
             max_len = min(getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", 4096), 4096)
-            self.engine = VLLMEngine(path, dtype, seed, component.kv_cache_gib, max_len, gpu, enforce_eager=True)
+            self.engine = VLLMEngine(path, dtype, seed, component.kv_cache_gib, max_len, gpu, enforce_eager=True,
+                                     gpu_memory_utilization=component.gpu_memory_utilization)
         else:
             from scratchpad.actors.engines import HFEngine
 
