@@ -84,6 +84,7 @@ class RewardConfig(_Section):
     require_stop: bool = Field(True, description="Count an answer as correct only if the completion ends right after it (no text after </answer>).")
     timeout_s: float = Field(5.0, gt=0, le=3600, description="Seconds one trace's check may take before it is marked timeout with zero reward.")
     num_actors: int = Field(1, ge=1, le=1024, description="Reward actors scoring in parallel.")
+    cpus_per_actor: float = Field(0.0, ge=0, le=256, description="Ray CPUs reserved per reward actor; 0 shares the others' cores (checking answers is cheap).")
 
 
 class BufferConfig(_Section):
@@ -131,6 +132,8 @@ class RunConfig(_Section):
     sample_traces: int = Field(4, ge=0, le=100000, description="Traces per step written to traces.jsonl for reading.")
     ray_address: str | None = Field(None, description="Address of a Ray cluster to join; null joins $RAY_ADDRESS when set (as inside `ray job submit`), else starts a private local one.")
     num_cpus: int | None = Field(None, ge=1, le=100000, description="CPUs a private local Ray cluster may use; null uses all of the machine's.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field("PACK", description="Ray placement-group strategy for the run's reserved CPUs/GPUs (one bundle per rollout engine, reward actor with CPUs, learner).")
+    placement_timeout_s: float = Field(60.0, gt=0, le=86400, description="How long to wait for the cluster to free the reserved resources before failing with what is missing.")
     threads_per_actor: int = Field(1, ge=1, le=256, description="torch threads in each actor; 1 keeps 2-core machines from oversubscribing.")
 
 

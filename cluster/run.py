@@ -17,6 +17,7 @@ import ray
 from scratchpad.cluster.buffer import BufferAddress, EmbeddedRedis, RedisBuffer, free_port
 from scratchpad.cluster.config import ExperimentConfig
 from scratchpad.cluster.metrics import RayMetrics
+from scratchpad.cluster.placement import release, reserve, strategy
 
 
 def actor_env(cfg: ExperimentConfig) -> dict[str, str]:
@@ -54,6 +55,7 @@ class Cluster:
         self.redis: EmbeddedRedis | None = None
         self.started_ray = False
         self.actors: list = []
+        self.placement = None
         self.stop_requested = threading.Event()  # set by the first SIGTERM/Ctrl-C: finish the step, checkpoint, stop
         self.previous_handlers: dict = {}
 
@@ -104,17 +106,20 @@ class Cluster:
         from scratchpad.rewards.scoring import RewardWorker
 
         cfg, env = self.cfg, {"env_vars": actor_env(self.cfg)}
+        self.placement, index = reserve(cfg)  # fails fast, with what is missing, if the cluster cannot hold the run
         rollout_cls = ray.remote(RolloutWorker)
         self.rollouts = [
             rollout_cls.options(num_cpus=cfg.rollout.cpus_per_engine, num_gpus=cfg.rollout.gpus_per_engine, runtime_env=env,
-                                name=None).remote(cfg, self.model_path, i)
+                                **strategy(self.placement, index, "rollout engine", i)).remote(cfg, self.model_path, i)
             for i in range(cfg.rollout.num_engines)
         ]
         self.rewarders = [
-            ray.remote(RewardWorker).options(num_cpus=0, runtime_env=env).remote(cfg.reward, self.address)
-            for _ in range(cfg.reward.num_actors)
+            ray.remote(RewardWorker).options(num_cpus=cfg.reward.cpus_per_actor, runtime_env=env,
+                                             **strategy(self.placement, index, "reward actor", i)).remote(cfg.reward, self.address)
+            for i in range(cfg.reward.num_actors)
         ]
-        self.learner = ray.remote(Learner).options(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus, runtime_env=env).remote(
+        self.learner = ray.remote(Learner).options(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus, runtime_env=env,
+                                                   **strategy(self.placement, index, "learner", 0)).remote(
             cfg, self.model_path, self.address, 0, 1, free_port(), self.resume_from
         )
         self.actors = [*self.rollouts, *self.rewarders, self.learner]
@@ -130,6 +135,9 @@ class Cluster:
             except Exception:  # already dead: nothing left to stop
                 pass
         self.actors = []
+        if self.placement is not None:
+            release(self.placement)
+            self.placement = None
         if self.started_ray:
             ray.shutdown()
             self.started_ray = False
