@@ -134,6 +134,8 @@ class RunConfig(_Section):
     num_cpus: int | None = Field(None, ge=1, le=100000, description="CPUs a private local Ray cluster may use; null uses all of the machine's.")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field("PACK", description="Ray placement-group strategy for the run's reserved CPUs/GPUs (one bundle per rollout engine, reward actor with CPUs, learner).")
     placement_timeout_s: float = Field(60.0, gt=0, le=86400, description="How long to wait for the cluster to free the reserved resources before failing with what is missing.")
+    wandb: bool = Field(False, description="Also log step metrics to Weights & Biases (needs the wandb package; never required).")
+    wandb_project: str = Field("scratchpad", min_length=1, max_length=200, description="Weights & Biases project the run logs to when run.wandb is true.")
     threads_per_actor: int = Field(1, ge=1, le=256, description="torch threads in each actor; 1 keeps 2-core machines from oversubscribing.")
 
 
