@@ -33,7 +33,7 @@ class StepReporter:
     """One per run: `log` lines, `step` records, `evaluation` results, then `close`."""
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, run_id: str, started: float, first: int, log=print,
-                 live: bool | None = None):
+                 live: bool | None = None, console=None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.steps, self.started, self.log_line = cfg.run.steps, started, log
@@ -51,7 +51,7 @@ class StepReporter:
 
             self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                      TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("eta"),
-                                     TimeRemainingColumn())
+                                     TimeRemainingColumn(), console=console)
             self.task = self.progress.add_task(cfg.name, total=cfg.run.steps, completed=first - 1, stats="")
             self.progress.start()
 
