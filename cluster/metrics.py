@@ -1,7 +1,7 @@
 """Step metrics as Ray gauges, so they reach each node's Prometheus endpoint and the Ray dashboard.
 
-Every gauge is tagged with the run id; names start with `scratchpad_`. Ray exports
-them about every 10 s. Only numeric fields of a step record are exported. The
+Every gauge is tagged with the run id; names start with `scratchpad_` (Ray 2.60's Prometheus endpoint shows
+them as `ray_scratchpad_*`). Ray exports them about every 10 s, and only while the driver lives. Only numeric fields of a step record are exported. The
 learner reports no entropy, so none is exported.
 """
 from __future__ import annotations

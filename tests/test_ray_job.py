@@ -109,7 +109,8 @@ def test_submit_runs_on_the_cluster_with_metrics_and_report(ray_head, tiny_model
     seen: set[str] = set()
     status, deadline = "PENDING", time.time() + 420
     while status in ("PENDING", "RUNNING") and time.time() < deadline:
-        seen |= set(re.findall(r"^(scratchpad_\w+)\{", _scrape(metrics_url), re.M))
+        # Ray 2.60 exports a custom gauge `scratchpad_x` as `ray_scratchpad_x`, and only while its process lives.
+        seen |= set(re.findall(r"^(?:ray_)?(scratchpad_\w+)\{", _scrape(metrics_url), re.M))
         result = _cli(["status", job, "--address", dashboard], env, timeout=60)
         status = re.search(r"^status: (\w+)", result.stdout, re.M).group(1)
         time.sleep(2)
