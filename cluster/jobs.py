@@ -7,6 +7,7 @@ RAY_ADDRESS Ray sets for it. Every failure to reach the cluster is one line.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shlex
 from pathlib import Path
@@ -47,6 +48,7 @@ def auth_headers() -> dict[str, str]:
 def connect(address: str | None):
     """A JobSubmissionClient for the resolved address, or JobError naming the address and why."""
     url = resolve_address(address)
+    logging.getLogger("ray").setLevel(logging.WARNING)  # keep Ray's per-file upload notes out of the user's terminal
     # Ray's client lets $RAY_ADDRESS override its argument; --address must win, so hide the variable from it.
     saved = {k: os.environ.pop(k) for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS") if k in os.environ}
     try:
@@ -82,8 +84,10 @@ def submit(config: str, overrides: list[str], run_dir: str, address: str | None,
 def _info(client, job_id: str):
     try:
         return client.get_job_info(job_id)
-    except RuntimeError:
-        raise JobError(f"no job {job_id!r} on the Ray cluster at {client.get_address()}") from None
+    except RuntimeError as exc:
+        if "404" in str(exc):
+            raise JobError(f"no job {job_id!r} on the Ray cluster at {client.get_address()}") from None
+        raise JobError(f"the Ray dashboard at {client.get_address()} answered: {str(exc).splitlines()[0]}") from None
 
 
 def status(job_id: str, address: str | None) -> dict:
