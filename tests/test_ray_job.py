@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -59,12 +60,14 @@ def ray_head():
     dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"
     client_env = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}  # the CLI must find the token on its own
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 240
         while True:
             assert head.poll() is None, (temp / "head.log").read_text()[-3000:]
-            assert time.time() < deadline, "the Ray head did not come up in 120 s"
+            assert time.time() < deadline, "the Ray dashboard did not answer in 240 s"
             try:
                 urllib.request.urlopen(f"{dashboard}/api/version", timeout=2)
+                break
+            except urllib.error.HTTPError:  # 401 without a token: the dashboard is up
                 break
             except OSError:
                 time.sleep(1)
