@@ -10,6 +10,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -81,6 +82,7 @@ def ray_head():
         for proc in _session_processes(head.pid):
             proc.kill()
         log.close()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _cli(args: list[str], env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -95,6 +97,7 @@ def _scrape(url: str) -> str:
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(1800)  # setup may build the session's tiny model: 13 min on a loaded 2-core machine
 def test_submit_runs_on_the_cluster_with_metrics_and_report(ray_head, tiny_model, cache_dir, tmp_path):
     dashboard, metrics_url, env = ray_head
     env = {**env, "SCRATCHPAD_CACHE": str(cache_dir)}
