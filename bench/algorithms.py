@@ -1,6 +1,6 @@
 """Every algorithm config on the quickstart task, one after another: held-out accuracy before/after and wall time.
 
-    python bench/algorithms.py --steps 100 --out /tmp/algos [configs/ppo.yaml ...]
+    python bench/algorithms.py --steps 100 --out /tmp/algos [--set key=value ...] [configs/ppo.yaml ...]
 
 Each config runs through the CLI (`scratchpad train CONFIG --run-dir OUT/NAME run.steps=STEPS`), sharing the
 tiny-model cache, so the model is built once. Prints a markdown table row per config, then a JSON line.
@@ -23,10 +23,10 @@ def main() -> None:
     parser.add_argument("configs", nargs="*", help="config paths (default: every algorithm config)")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--out", default="runs/bench-algorithms")
-    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="-- key=value ... applied to every config")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override applied to every config (repeatable)")
     args = parser.parse_args()
     configs = args.configs or [str(ROOT / "configs" / f"{name}.yaml") for name in DEFAULT]
-    extra = [o for o in args.overrides if o != "--"]
+    extra = args.set
     rows = []
     print("| config | algorithm | accuracy before | accuracy after | gain | steps | groups trained / dropped | wall |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")

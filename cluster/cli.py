@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from scratchpad.cluster.config import ConfigError, dump_config, load_config
+from scratchpad.cluster.jobs import DEFAULT_ADDRESS, JobError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,8 +27,22 @@ def _parser() -> argparse.ArgumentParser:
     rm = sub.add_parser("train-rm", help="train a Bradley-Terry reward model from JSONL preference pairs {prompt, chosen, rejected}")
     rm.add_argument("config", nargs="?", help="YAML of train-rm settings (RewardModelTrainConfig), or only key=value settings")
     rm.add_argument("overrides", nargs="*", help="key=value settings, e.g. train_path=pairs.jsonl output_dir=rm steps=300")
-    status = sub.add_parser("status", help="print a run's buffer counters and whether produced = trained + dropped + in flight")
-    status.add_argument("run_dir")
+    submit = sub.add_parser("submit", help="run an experiment as a Ray job (uploads the current directory)")
+    submit.add_argument("config", help="YAML experiment inside the current directory, e.g. configs/quickstart.yaml")
+    submit.add_argument("overrides", nargs="*", help="key.sub=value settings that override the YAML")
+    submit.add_argument("--run-dir", help="where outputs go on the cluster's driver node (default runs/<name>-<time>, "
+                        "made absolute against the current directory)")
+    submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment variable for the job (repeatable)")
+    status = sub.add_parser("status", help="RUN_DIR: a run's buffer counters and whether produced = trained + dropped + "
+                            "in flight; JOB: a Ray job's status")
+    status.add_argument("run_dir", metavar="RUN_DIR|JOB")
+    logs = sub.add_parser("logs", help="a Ray job's logs")
+    logs.add_argument("job")
+    logs.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
+    stop = sub.add_parser("stop", help="stop a Ray job (SIGTERM: the run checkpoints after its current step)")
+    stop.add_argument("job")
+    for cmd in (submit, status, logs, stop):
+        cmd.add_argument("--address", help=f"Ray dashboard address (default $RAY_ADDRESS, else {DEFAULT_ADDRESS})")
     return parser
 
 
@@ -54,10 +69,14 @@ def main(argv: list[str] | None = None) -> int:
             print(make_model(cfg, force=args.force))
             return 0
         if args.command == "status":
-            return _status(Path(args.run_dir))
+            if Path(args.run_dir).is_dir():
+                return _status(Path(args.run_dir))
+            return _job_status(args)
         if args.command == "train-rm":
             return _train_rm(args)
-    except ConfigError as err:
+        if args.command in ("submit", "logs", "stop"):
+            return {"submit": _submit, "logs": _logs, "stop": _stop}[args.command](args)
+    except (ConfigError, JobError) as err:
         print(f"scratchpad: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -130,6 +149,58 @@ def _train_rm(args) -> int:
     accuracy = f", held-out pairwise accuracy {info['eval_accuracy']:.3f}" if info["eval_accuracy"] is not None else ""
     print(f"reward model saved to {cfg.output_dir} ({info['pairs']} pairs, {info['steps']} steps, {info['seconds']:.0f}s"
           f", train pairwise accuracy {info['train_accuracy']:.3f}{accuracy})")
+    return 0
+
+
+def _submit(args) -> int:
+    from scratchpad.cluster import jobs
+
+    cfg = load_config(args.config, args.overrides)  # a mistake is reported here, before anything is uploaded
+    config = Path(args.config).absolute()
+    if not config.is_relative_to(Path.cwd()):
+        raise ConfigError(f"{args.config}: the config must lie inside the current directory, which is what the job uploads")
+    run_dir = Path(args.run_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}").absolute()
+    env = {}
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--env {item!r}: expected KEY=VALUE")
+        env[key] = value
+    job_id, dashboard = jobs.submit(str(config.relative_to(Path.cwd())), args.overrides, str(run_dir), args.address, env)
+    print(f"submitted job {job_id}")
+    print(f"dashboard: {dashboard}")
+    print(f"run directory (on the driver's node): {run_dir}")
+    print(f"follow it: scratchpad logs {job_id} --follow; stop it: scratchpad stop {job_id}")
+    return 0
+
+
+def _job_status(args) -> int:
+    from scratchpad.cluster import jobs
+
+    if "/" in args.run_dir or args.run_dir.startswith("."):
+        raise ConfigError(f"{args.run_dir}: no such run directory")
+    info = jobs.status(args.run_dir, args.address)
+    for key, value in info.items():
+        print(f"{key}: {value}")
+    return 1 if info["status"] == "FAILED" else 0
+
+
+def _logs(args) -> int:
+    from scratchpad.cluster import jobs
+
+    try:
+        jobs.logs(args.job, args.address, args.follow, lambda text: print(text, end="", flush=True))
+    except KeyboardInterrupt:  # stops following; the job goes on
+        return 130
+    return 0
+
+
+def _stop(args) -> int:
+    from scratchpad.cluster import jobs
+
+    jobs.stop(args.job, args.address)
+    print(f"stop requested for job {args.job}: the run checkpoints after its current step, then exits "
+          f"(`scratchpad status {args.job}` shows STOPPED)")
     return 0
 
 

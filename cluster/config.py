@@ -203,6 +203,7 @@ class RewardConfig(_Section):
     timeout_s: float = Field(5.0, gt=0, le=3600, description="Seconds one answer check may take before its worker process is killed and the trace marked timeout.")
     checker_workers: int = Field(2, ge=1, le=256, description="Worker processes per reward actor that run answer checks (killed and replaced on timeout).")
     num_actors: int = Field(1, ge=1, le=1024, description="Reward actors scoring in parallel.")
+    cpus_per_actor: float = Field(0.0, ge=0, le=256, description="Ray CPUs reserved per reward actor; 0 shares the others' cores (checking answers is cheap).")
     max_pending: int = Field(2, ge=1, le=1024, description="Scoring calls queued per reward actor; more waits (backpressure) instead of piling up.")
 
     def resolved_components(self) -> list:
@@ -283,6 +284,10 @@ class RunConfig(_Section):
     sample_traces: int = Field(4, ge=0, le=100000, description="Traces per step written to traces.jsonl for reading.")
     ray_address: str | None = Field(None, description="Address of a Ray cluster to join; null joins $RAY_ADDRESS when set (as inside `ray job submit`), else starts a private local one.")
     num_cpus: int | None = Field(None, ge=1, le=100000, description="CPUs a private local Ray cluster may use; null uses all of the machine's.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field("PACK", description="Ray placement-group strategy for the run's reserved CPUs/GPUs (one bundle per rollout engine, reward actor with CPUs, learner).")
+    placement_timeout_s: float = Field(60.0, gt=0, le=86400, description="How long to wait for the cluster to free the reserved resources before failing with what is missing.")
+    wandb: bool = Field(False, description="Also log step metrics to Weights & Biases (needs the wandb package; never required).")
+    wandb_project: str = Field("scratchpad", min_length=1, max_length=200, description="Weights & Biases project the run logs to when run.wandb is true.")
     threads_per_actor: int = Field(1, ge=1, le=256, description="torch threads in each actor; 1 keeps 2-core machines from oversubscribing.")
 
 

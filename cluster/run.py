@@ -19,6 +19,7 @@ import ray
 from scratchpad.cluster.buffer import BufferAddress, EmbeddedRedis, RedisBuffer, free_port
 from scratchpad.cluster.config import ExperimentConfig
 from scratchpad.cluster.metrics import RayMetrics
+from scratchpad.cluster.placement import model_role, release, reserve, strategy
 
 
 def actor_env(cfg: ExperimentConfig) -> dict[str, str]:
@@ -60,6 +61,7 @@ class Cluster:
         self.redis: EmbeddedRedis | None = None
         self.started_ray = False
         self.actors: list = []
+        self.placement = None
         self.stop_requested = threading.Event()  # set by the first SIGTERM/Ctrl-C: finish the step, checkpoint, stop
         self.previous_handlers: dict = {}
 
@@ -110,21 +112,24 @@ class Cluster:
         from scratchpad.rewards.scoring import RewardWorker
 
         cfg, env = self.cfg, {"env_vars": actor_env(self.cfg)}
+        self.placement, index = reserve(cfg)  # fails fast, with what is missing, if the cluster cannot hold the run
         rollout_cls = ray.remote(RolloutWorker)
         self.rollouts = [
             rollout_cls.options(num_cpus=cfg.rollout.cpus_per_engine, num_gpus=cfg.rollout.gpus_per_engine, runtime_env=env,
-                                name=None).remote(cfg, self.model_path, i)
+                                **strategy(self.placement, index, "rollout engine", i)).remote(cfg, self.model_path, i)
             for i in range(cfg.rollout.num_engines)
         ]
-        self.reward_models = self._start_reward_models(env)
+        self.reward_models = self._start_reward_models(env, index)
         self.rewarders = [
-            ray.remote(RewardWorker).options(num_cpus=0, runtime_env=env, max_pending_calls=cfg.reward.max_pending).remote(
+            ray.remote(RewardWorker).options(num_cpus=cfg.reward.cpus_per_actor, runtime_env=env, max_pending_calls=cfg.reward.max_pending,
+                                             **strategy(self.placement, index, "reward actor", i)).remote(
                 cfg.reward, self.address, cfg.rollout.max_new_tokens, self.reward_models, self.model_path)
-            for _ in range(cfg.reward.num_actors)
+            for i in range(cfg.reward.num_actors)
         ]
         port = free_port()  # rank 0's rendezvous port for torch.distributed (gloo on CPU)
         self.learners = [
-            ray.remote(Learner).options(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus, runtime_env=env).remote(
+            ray.remote(Learner).options(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus, runtime_env=env,
+                                        **strategy(self.placement, index, "learner", rank)).remote(
                 cfg, self.model_path, self.address, rank, cfg.learner.ranks, port, self.resume_from)
             for rank in range(cfg.learner.ranks)
         ]
@@ -132,7 +137,7 @@ class Cluster:
         self.actors = [*self.rollouts, *self.reward_models.values(), *self.rewarders, *self.learners]
         ray.get([a.__ray_ready__.remote() for a in self.actors])
 
-    def _start_reward_models(self, env: dict) -> dict:
+    def _start_reward_models(self, env: dict, index: dict) -> dict:
         """One Ray actor per model component (likelihood LM, reward model, judge engine), shared by every reward actor."""
         from scratchpad.cluster.config import MODEL_KINDS
         from scratchpad.cluster.judge_engine import JudgeEngine
@@ -141,10 +146,12 @@ class Cluster:
         started = {}
         for c in self.cfg.reward.resolved_components():
             if c.kind == "judge":
-                started[c.name] = ray.remote(JudgeEngine).options(num_cpus=c.num_cpus, num_gpus=c.num_gpus, runtime_env=env).remote(
+                started[c.name] = ray.remote(JudgeEngine).options(num_cpus=c.num_cpus, num_gpus=c.num_gpus, runtime_env=env,
+                                                                  **strategy(self.placement, index, model_role(c), 0)).remote(
                     c, self.model_path, self.cfg.model.dtype, 0, self.cfg.run.threads_per_actor)
             elif c.kind in MODEL_KINDS:
-                started[c.name] = ray.remote(ModelScorer).options(num_cpus=c.num_cpus, runtime_env=env).remote(
+                started[c.name] = ray.remote(ModelScorer).options(num_cpus=c.num_cpus, runtime_env=env,
+                                                                  **strategy(self.placement, index, model_role(c), 0)).remote(
                     c, self.model_path, self.cfg.run.threads_per_actor)
         return started
 
@@ -158,6 +165,9 @@ class Cluster:
             except Exception:  # already dead: nothing left to stop
                 pass
         self.actors = []
+        if self.placement is not None:
+            release(self.placement)
+            self.placement = None
         if self.started_ray:
             ray.shutdown()
             self.started_ray = False

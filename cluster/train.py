@@ -18,8 +18,9 @@ import ray
 from scratchpad.actors.tasks import eval_set, train_stream
 from scratchpad.cluster.config import ExperimentConfig, dump_config
 from scratchpad.cluster.make_model import resolve_model
-from scratchpad.cluster.report import write_outputs
-from scratchpad.cluster.run import Cluster
+from scratchpad.cluster.progress import StepReporter, check_wandb
+from scratchpad.cluster.report import write_outputs, write_report
+from scratchpad.cluster.run import Cluster, run_identity
 from scratchpad.rewards.scoring import is_correct
 
 
@@ -151,9 +152,11 @@ def latest_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
     return (run_dir / "checkpoints" / f"step-{steps[-1]}", steps[-1]) if steps else None
 
 
-def train(cfg: ExperimentConfig, run_dir: Path, log=print, resume: bool = False) -> dict:
-    """Run (or, with `resume`, continue from the newest checkpoint in run_dir) and return the summary."""
+def train(cfg: ExperimentConfig, run_dir: Path, log=print, resume: bool = False, live: bool | None = None) -> dict:
+    """Run (or, with `resume`, continue from the newest checkpoint in run_dir) and return the summary.
+    `live`: a rich progress bar instead of step lines (default: when stdout is a terminal)."""
     started = time.time()
+    check_wandb(cfg)
     point = latest_checkpoint(run_dir) if resume else None
     first = point[1] + 1 if point else 1
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -161,21 +164,24 @@ def train(cfg: ExperimentConfig, run_dir: Path, log=print, resume: bool = False)
     model_path = resolve_model(cfg, log=log)
     stream, held_out = train_stream(cfg.task), eval_set(cfg.task)
     runlog = RunLog(run_dir, point[1] if point else None)
+    report = None
     try:
         with Cluster(cfg, run_dir, model_path, resume_from=str(point[0]) if point else None) as cluster:
+            report = StepReporter(cfg, run_dir, run_identity(run_dir, cfg.name)["run_id"], started, first, log, live)
             for _ in range(cluster.buffer.counters()["produced"] if point else 0):
                 next(stream)  # prompts already sampled into the buffer are not sampled again
             if point:
                 sync_weights(cluster)  # the engines start from the checkpoint's weights and version
-                log(f"resumed at step {point[1]} from {point[0]}")
+                report.log(f"resumed at step {point[1]} from {point[0]}")
             else:
                 before = evaluate(cluster, held_out)
                 runlog.write("evals", {"step": 0, "wall": time.time() - started, **before})
-                log(f"cluster up in {time.time() - started:.1f}s; held-out accuracy at step 0: {before['accuracy']:.3f}")
+                report.evaluation(0, before)
+                report.log(f"cluster up in {time.time() - started:.1f}s; held-out accuracy at step 0: {before['accuracy']:.3f}")
             done = first - 1
             try:
                 for step in range(first, cfg.run.steps + 1):
-                    run_step(cfg, cluster, run_dir, runlog, stream, held_out, step, started, log)
+                    run_step(cfg, cluster, run_dir, runlog, report, stream, held_out, step, started)
                     done = step
                     if cluster.stop_requested.is_set():
                         raise KeyboardInterrupt("stop requested")
@@ -183,21 +189,34 @@ def train(cfg: ExperimentConfig, run_dir: Path, log=print, resume: bool = False)
                 # Keep what was learned, then unwind and stop everything. Only a learner whose version matches the
                 # last recorded step is checkpointed, so the records and the checkpoint always agree on a resume.
                 if ray.get(cluster.learner.policy_version.remote()) == done:
-                    log(f"stopping: checkpoint at step {done}")
+                    report.log(f"stopping: checkpoint at step {done}")
                     on_learners(cluster, "save_checkpoint", str(run_dir / "checkpoints"), cfg.run.keep_checkpoints)
+                stopped_report(run_dir, cfg, runlog, done, report.log)
                 raise
             after = evaluate(cluster, held_out)
             runlog.write("evals", {"step": cfg.run.steps, "wall": time.time() - started, **after})
-            log(f"step {cfg.run.steps} held-out accuracy {after['accuracy']:.3f}")
+            report.evaluation(cfg.run.steps, after)
+            report.log(f"step {cfg.run.steps} held-out accuracy {after['accuracy']:.3f}")
             ray.get(cluster.learner.save_pretrained.remote(str(run_dir / "final")))
             counters = cluster.buffer.counters()
     finally:
         runlog.close()
+        if report is not None:
+            report.close()
     return write_outputs(run_dir, cfg, runlog.read("metrics"), runlog.read("evals"), counters, time.time() - started)
 
 
-def run_step(cfg: ExperimentConfig, cluster: Cluster, run_dir: Path, runlog: RunLog, stream, held_out: list, step: int,
-             started: float, log) -> None:
+def stopped_report(run_dir: Path, cfg: ExperimentConfig, runlog: RunLog, done: int, log) -> None:
+    """report.html for a run stopped early. A report that cannot be drawn must not turn a clean stop into a crash."""
+    try:
+        write_report(run_dir, cfg.name, runlog.read("metrics"), runlog.read("evals"),
+                     note=f"Stopped early after step {done} of {cfg.run.steps}; continue with scratchpad train --resume {run_dir}")
+    except Exception as exc:  # noqa: BLE001 (reported, and the stop goes on)
+        log(f"report.html not written: {type(exc).__name__}: {exc}")
+
+
+def run_step(cfg: ExperimentConfig, cluster: Cluster, run_dir: Path, runlog: RunLog, report: StepReporter, stream,
+             held_out: list, step: int, started: float) -> None:
     """One step: produce until the learner's batch is full -> train -> sync -> checkpoint -> records."""
     timer, step_started = Timer(), time.time()
     produced = []
@@ -221,10 +240,11 @@ def run_step(cfg: ExperimentConfig, cluster: Cluster, run_dir: Path, runlog: Run
     if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < cfg.run.steps:
         result = evaluate(cluster, held_out)
         runlog.write("evals", {"step": step, "wall": time.time() - started, **result})
+        report.evaluation(step, result)
         record["eval_accuracy"] = result["accuracy"]
     runlog.write("metrics", record)
     cluster.metrics.record(record, cluster.buffer.counters())
-    log(format_step(record, cfg.run.steps))
+    report.step(record, format_step(record, cfg.run.steps))
 
 
 def step_record(step: int, started: float, step_started: float, timer: Timer, produced: list[dict], learned: dict) -> dict:
