@@ -5,6 +5,12 @@ with an approximate MAXLEN; the learner reads through a consumer group and
 acknowledges what it has trained. Counters live in a hash beside the stream so
 that `produced == trained + dropped + in flight` can be checked from Redis alone.
 Every key starts with the run's prefix, so several runs can share one server.
+
+The bound never costs a sample: a put is refused, atomically on the server, while
+the groups in flight (produced, not yet trained or dropped) would exceed `maxlen`,
+and the producer waits (backpressure) up to `put_timeout_s`, then fails with
+BufferFull. So MAXLEN trims only entries already acknowledged: the in-flight ones
+are the newest, and at most `maxlen` of them exist.
 """
 from __future__ import annotations
 
@@ -26,6 +32,30 @@ from scratchpad.cluster.records import Group, decode_group, encode_group
 
 LEARNER_GROUP = "learner"
 
+# KEYS: stream, counters. ARGV: maxlen, payload... Returns the new entry ids, or {} when the groups in flight
+# would exceed maxlen (nothing written). Atomic: no other client runs between the check and the writes.
+_PUT_SCRIPT = """
+local counts = redis.call('HGETALL', KEYS[2])
+local in_flight = 0
+for i = 1, #counts, 2 do
+  local key, value = counts[i], tonumber(counts[i + 1])
+  if key == 'produced' then in_flight = in_flight + value
+  elseif key == 'trained' or string.sub(key, 1, 8) == 'dropped:' then in_flight = in_flight - value end
+end
+local n = #ARGV - 1
+if in_flight + n > tonumber(ARGV[1]) then return {} end
+local ids = {}
+for i = 2, #ARGV do
+  ids[#ids + 1] = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'g', ARGV[i])
+end
+redis.call('HINCRBY', KEYS[2], 'produced', n)
+return ids
+"""
+
+
+class BufferFull(RuntimeError):
+    """The learner has not made room within put_timeout_s: one line saying so."""
+
 
 @dataclass(frozen=True)
 class BufferAddress:
@@ -33,7 +63,8 @@ class BufferAddress:
 
     url: str  # redis://[:password@]host:port/db or rediss://...
     prefix: str  # per-run key prefix, e.g. "sp:quickstart-1700000000:"
-    maxlen: int  # approximate stream bound
+    maxlen: int  # stream bound: also the most groups in flight at once (puts wait beyond it)
+    put_timeout_s: float = 600.0  # how long a producer waits for room before BufferFull
 
 
 def connect(url: str) -> redis.Redis:
@@ -57,6 +88,7 @@ class RedisBuffer:
         self.stream = address.prefix + "groups"
         self.dead = address.prefix + "dead"
         self.counters_key = address.prefix + "counters"
+        self._put = self.client.register_script(_PUT_SCRIPT)  # EVALSHA, reloaded by redis-py after a server restart
 
     def ensure_group(self) -> None:
         try:
@@ -66,13 +98,22 @@ class RedisBuffer:
                 raise
 
     def put(self, groups: list[Group]) -> list[str]:
-        """Append groups and count them as produced, atomically."""
-        pipe = self.client.pipeline(transaction=True)
-        for group in groups:
-            pipe.xadd(self.stream, {"g": encode_group(group)}, maxlen=self.address.maxlen, approximate=True)
-        pipe.hincrby(self.counters_key, "produced", len(groups))
-        results = pipe.execute()
-        return [r.decode() for r in results[: len(groups)]]
+        """Append groups and count them as produced, atomically; wait while the stream has no room for them."""
+        if not groups:
+            return []
+        if len(groups) > self.address.maxlen:
+            raise BufferFull(f"buffer: a put of {len(groups)} groups can never fit buffer.maxlen {self.address.maxlen}")
+        payloads = [encode_group(group) for group in groups]
+        deadline, pause = time.monotonic() + self.address.put_timeout_s, 0.01
+        while True:
+            ids = self._put(keys=[self.stream, self.counters_key], args=[self.address.maxlen, *payloads])
+            if ids:
+                return [i.decode() for i in ids]
+            if time.monotonic() >= deadline:
+                raise BufferFull(f"buffer: {self.address.maxlen} groups in flight (buffer.maxlen) and the learner made no room "
+                                 f"for {self.address.put_timeout_s:g}s (buffer.put_timeout_s); is it running?")
+            time.sleep(pause)  # backpressure: the producer waits for the learner to train or drop what is in flight
+            pause = min(pause * 2, 0.5)
 
     def read(self, consumer: str, count: int, block_ms: int, pending: bool = False) -> list[tuple[str, Group]]:
         """Up to `count` groups for this consumer: new ones, or with `pending` the ones it was handed before

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from scratchpad.cluster.buffer import BufferFull
 from scratchpad.cluster.config import ConfigError, dump_config, load_config
 from scratchpad.cluster.jobs import DEFAULT_ADDRESS, JobError
 
@@ -79,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, JobError) as err:
         print(f"scratchpad: error: {err}", file=sys.stderr)
         return 2
+    except BufferFull as err:  # raised in a reward actor; Ray's wrapper keeps the original as .cause
+        print(f"scratchpad: error: {getattr(err, 'cause', err)}; checkpoints and the buffer's contents are kept", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("scratchpad: interrupted; every process this run started has been stopped", file=sys.stderr)
         return 130

@@ -222,7 +222,10 @@ class BufferConfig(_Section):
     """The Redis replay buffer between reward actors and the learner."""
 
     redis_url: str | None = Field(None, description="redis:// or rediss:// URL of an external server; null starts the embedded one.")
-    maxlen: int = Field(100000, ge=16, le=100_000_000, description="Approximate bound on the stream's length (XADD MAXLEN ~).")
+    maxlen: int = Field(100000, ge=16, le=100_000_000, description=(
+        "Bound on the groups in flight (produced, not yet trained or dropped) and on the stream's length (XADD MAXLEN ~). "
+        "A full buffer makes producers wait; trimming only ever removes acknowledged entries."))
+    put_timeout_s: float = Field(600.0, gt=0, le=86400, description="How long a producer waits for room in a full buffer before the run fails with one line.")
     appendfsync: Literal["always", "everysec", "no"] = Field("everysec", description="AOF fsync policy of the embedded server.")
     read_timeout_s: float = Field(300.0, gt=0, le=86400, description="How long the learner waits for a batch before failing.")
 

@@ -90,7 +90,7 @@ class Cluster:
             self.redis = (EmbeddedRedis.reopen(directory) if (directory / "redis.conf").exists()
                           else EmbeddedRedis(directory, cfg.buffer.appendfsync)).start().watch()
             url = self.redis.url
-        self.address = BufferAddress(url=url, prefix=ident["prefix"], maxlen=cfg.buffer.maxlen)
+        self.address = BufferAddress(url=url, prefix=ident["prefix"], maxlen=cfg.buffer.maxlen, put_timeout_s=cfg.buffer.put_timeout_s)
         self.buffer = RedisBuffer(self.address)
         self.buffer.ensure_group()
         if not ray.is_initialized():

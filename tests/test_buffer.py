@@ -83,3 +83,46 @@ def test_stop_leaves_no_server(tmp_path):
     redis.stop()
     import psutil
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_full_buffer_makes_producers_wait_and_trims_only_acknowledged_entries(server):
+    """At the bound a put waits (backpressure) instead of trimming undelivered groups; once the learner acks, it
+    goes through; a producer that never gets room fails with BufferFull after put_timeout_s, writing nothing."""
+    import threading
+    import time
+
+    from scratchpad.cluster.buffer import BufferFull
+
+    address = BufferAddress(server.url, "sp:bound:", 16, put_timeout_s=0.5)
+    buf = RedisBuffer(address)
+    buf.ensure_group()
+    buf.put(groups(16))
+    started = time.monotonic()
+    with pytest.raises(BufferFull, match="buffer.maxlen"):
+        buf.put(groups(1, start=16))
+    assert 0.5 <= time.monotonic() - started < 2.0
+    c = buf.counters()
+    assert (c["produced"], c["in_flight"], c["stream_length"], c["invariant_holds"]) == (16, 16, 16, True)
+
+    slow = RedisBuffer(BufferAddress(server.url, "sp:bound:", 16, put_timeout_s=30))
+    done = []
+    producer = threading.Thread(target=lambda: done.append(slow.put(groups(4, start=16))))
+    producer.start()
+    time.sleep(0.3)
+    assert not done, "the put went through with 16 groups in flight at maxlen 16"
+    got = buf.read("learner-0", 4, 100)
+    buf.ack([i for i, _ in got], trained=4, dropped={})
+    producer.join(10)
+    assert done and len(done[0]) == 4
+    # Many more rounds than maxlen: every group is delivered exactly once, none trimmed before it was trained.
+    seen = [g.group_id for _, g in got]
+    for r in range(10):
+        got = buf.read("learner-0", 16, 100)
+        seen += [g.group_id for _, g in got]
+        buf.ack([i for i, _ in got], trained=len(got), dropped={})
+        buf.put(groups(16, start=100 + 16 * r))
+    seen += [g.group_id for _, g in buf.read("learner-0", 100, 100)]
+    produced = [f"g{i}" for i in range(20)] + [f"g{i}" for i in range(100, 260)]
+    assert sorted(seen) == sorted(produced)
+    c = buf.counters()
+    assert c["invariant_holds"] and c["stream_length"] < 16 * 4  # trimmed: the acknowledged ones went
