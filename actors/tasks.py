@@ -6,13 +6,12 @@ start of the tiny model and nothing else.
 """
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
 
 from scratchpad.cluster.config import TaskConfig
-from scratchpad.cluster.records import Prompt
+from scratchpad.cluster.records import Prompt, read_json_lines
 
 EVAL_SEED_OFFSET = 1000003  # the held-out stream never shares a seed with training
 
@@ -69,19 +68,9 @@ def _synthetic(cfg: TaskConfig, seed: int, prefix: str) -> Iterator[Prompt]:
 def read_jsonl(path: str | Path) -> list[Prompt]:
     """One {"prompt": ..., "answer": ...} object per line; no reasoning traces are needed."""
     prompts = []
-    with open(path) as handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                text, answer = row["prompt"], row["answer"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with prompt and answer ({exc})") from None
-            meta = {k: v for k, v in row.items() if k not in ("prompt", "answer") and isinstance(v, (str, int, float, bool))}
-            prompts.append(Prompt(prompt_id=f"{Path(path).stem}-{lineno}", text=str(text), answer=str(answer), meta=meta))
-    if not prompts:
-        raise ValueError(f"{path}: no prompts")
+    for lineno, row in read_json_lines(path, ("prompt", "answer"), "prompts"):
+        meta = {k: v for k, v in row.items() if k not in ("prompt", "answer") and isinstance(v, (str, int, float, bool))}
+        prompts.append(Prompt(prompt_id=f"{Path(path).stem}-{lineno}", text=str(row["prompt"]), answer=str(row["answer"]), meta=meta))
     return prompts
 
 

@@ -108,3 +108,25 @@ def decode_group(payload: bytes) -> Group:
             raise ValueError(f"trace {trace.trace_id}: group_id {trace.group_id} does not match {group.group_id}")
     return group
 
+
+def read_json_lines(path, fields: tuple[str, ...], what: str) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file whose objects all have `fields`;
+    ValueError naming the file and line of a bad one, or the file when it holds none."""
+    import json
+
+    rows = []
+    with open(path) as handle:
+        for lineno, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                missing = [f for f in fields if f not in row]
+            except (json.JSONDecodeError, TypeError) as exc:
+                raise ValueError(f"{path}:{lineno}: expected a JSON object with {', '.join(fields)} ({exc})") from None
+            if not isinstance(row, dict) or missing:
+                raise ValueError(f"{path}:{lineno}: expected a JSON object with {', '.join(fields)} (missing {', '.join(missing)})")
+            rows.append((lineno, row))
+    if not rows:
+        raise ValueError(f"{path}: no {what}")
+    return rows

@@ -12,23 +12,13 @@ import time
 from pathlib import Path
 
 from scratchpad.cluster.config import RewardModelTrainConfig
+from scratchpad.cluster.records import read_json_lines
 
 
 def read_pairs(path: str) -> list[dict]:
     """One {"prompt", "chosen", "rejected"} object per line; ValueError names the file and line of a bad one."""
-    pairs = []
-    with open(path) as handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                pairs.append({k: str(row[k]) for k in ("prompt", "chosen", "rejected")})
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with prompt, chosen and rejected ({exc})") from None
-    if not pairs:
-        raise ValueError(f"{path}: no preference pairs")
-    return pairs
+    fields = ("prompt", "chosen", "rejected")
+    return [{k: str(row[k]) for k in fields} for _, row in read_json_lines(path, fields, "preference pairs")]
 
 
 def load_for_training(base_path: str, seed: int):
