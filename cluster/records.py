@@ -114,6 +114,7 @@ def read_json_lines(path, fields: tuple[str, ...], what: str) -> list[tuple[int,
     ValueError naming the file and line of a bad one, or the file when it holds none."""
     import json
 
+    names = f"{', '.join(fields[:-1])} and {fields[-1]}" if len(fields) > 1 else fields[0]
     rows = []
     with open(path) as handle:
         for lineno, line in enumerate(handle, 1):
@@ -123,9 +124,9 @@ def read_json_lines(path, fields: tuple[str, ...], what: str) -> list[tuple[int,
                 row = json.loads(line)
                 missing = [f for f in fields if f not in row]
             except (json.JSONDecodeError, TypeError) as exc:
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with {', '.join(fields)} ({exc})") from None
+                raise ValueError(f"{path}:{lineno}: expected a JSON object with {names} ({exc})") from None
             if not isinstance(row, dict) or missing:
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with {', '.join(fields)} (missing {', '.join(missing)})")
+                raise ValueError(f"{path}:{lineno}: expected a JSON object with {names} (missing {', '.join(missing)})")
             rows.append((lineno, row))
     if not rows:
         raise ValueError(f"{path}: no {what}")
