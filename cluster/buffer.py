@@ -116,14 +116,14 @@ class RedisBuffer:
             pause = min(pause * 2, 0.5)
 
     def read(self, consumer: str, count: int, block_ms: int, pending: bool = False) -> list[tuple[str, Group]]:
-        """Up to `count` groups for this consumer: new ones, or with `pending` the ones it was handed before
+        """Up to `count` groups for this consumer (waiting up to block_ms for them; 0 does not wait): new ones, or with `pending` the ones it was handed before
         and never acknowledged (after a crash: what the last checkpoint does not contain). Malformed entries
         go to the dead-letter stream."""
         start = "0" if pending else ">"
         good: list[tuple[str, Group]] = []
         while not good:  # a read that held only malformed entries is not the end of the stream: read on
             reply = self.client.xreadgroup(LEARNER_GROUP, consumer, {self.stream: start}, count=count,
-                                           block=None if pending else block_ms)
+                                           block=None if pending or not block_ms else block_ms)  # BLOCK 0 would wait forever
             entries = [e for _stream, part in reply or [] for e in part]
             if not entries:
                 break

@@ -224,8 +224,8 @@ def run_step(cfg: ExperimentConfig, cluster: Cluster, run_dir: Path, runlog: Run
         need = sum(on_learners(cluster, "fill_batch", 1))
     while need > 0:
         produced.append(produce(cluster, [next(stream) for _ in range(need)], timer, cfg.run.sample_traces))
-        with timer.phase("fill"):
-            need = sum(on_learners(cluster, "fill_batch"))
+        with timer.phase("fill"):  # produce() returns after its XADDs: read what is there, never wait on an empty stream
+            need = sum(on_learners(cluster, "fill_batch", 0))
     with timer.phase("train"):
         learned = train_learners(cluster)
     with timer.phase("sync"):
