@@ -9,7 +9,7 @@ group consecutive. Departures from the papers, stated:
   sums by a constant (the generation budget) instead of each length.
 - KL is a loss term against a frozen reference, with k1/k2/k3 estimators, or (PPO) a
   per-token reward penalty folded into GAE.
-- PPO's GAE advantages are whitened over the batch's real tokens, as in most PPO code.
+- PPO's GAE advantages are whitened over the real tokens of the whole batch, every rank's (learner.py).
 - DPO/IPO log-probabilities are sums over the whole completion: thought and response.
 """
 from __future__ import annotations
@@ -172,13 +172,6 @@ def gae_advantages(token_rewards: torch.Tensor, values: torch.Tensor, mask: torc
         running = (delta + gamma * lam * running) * mask[:, t]
         advantages[:, t] = running
     return advantages, advantages + values
-
-
-def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over the real tokens, padding left at 0."""
-    mean = masked_mean(values, mask)
-    var = masked_mean((values - mean) ** 2, mask)
-    return (values - mean) * torch.rsqrt(var + eps) * mask
 
 
 def value_loss_per_token(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
