@@ -16,6 +16,10 @@ class Unparsable(Exception):
     """The answer could not be read (not a number, no option letter, no mathematical expression)."""
 
 
+class _ParseFailed(Exception):
+    """math-verify's parser raised (it would otherwise log it and return nothing)."""
+
+
 def normalise(text: str) -> str:
     return " ".join(text.strip().lower().split())
 
@@ -75,7 +79,10 @@ def _math_parse(text: str, extraction: list):
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     # math-verify finds LaTeX only between delimiters ($..$, \boxed{}, \[..\]); a bare `\{1,2\}` or `(0,1]` is wrapped.
     delimited = any(d in text for d in ("$", "\\boxed", "\\[", "\\("))
-    return parse(text if delimited else f"${text}$", extraction_config=extraction, parsing_timeout=None)
+    try:
+        return parse(text if delimited else f"${text}$", extraction_config=extraction, parsing_timeout=None, raise_on_error=True)
+    except Exception as exc:  # noqa: BLE001 - the parser crashed on this text; callers say whose text it was
+        raise _ParseFailed(f"{type(exc).__name__}: {exc}") from None
 
 
 def math_equal(answer: str, reference: str, float_rounding: int = 6) -> bool:
@@ -83,14 +90,28 @@ def math_equal(answer: str, reference: str, float_rounding: int = 6) -> bool:
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, verify
 
     extraction = [LatexExtractionConfig(), ExprExtractionConfig()]
-    gold = _math_parse(reference, extraction)
+    try:
+        gold = _math_parse(reference, extraction)
+    except _ParseFailed as exc:
+        raise ValueError(f"math-verify failed parsing the reference {reference[:80]!r}: {exc}") from None
     if not gold:
         raise ValueError(f"reference is not a mathematical expression: {reference[:80]!r}")
-    target = _math_parse(answer, extraction)
+    try:
+        target = _math_parse(answer, extraction)
+    except _ParseFailed as exc:
+        raise Unparsable(f"math-verify failed parsing the answer {answer[:80]!r}: {exc}") from None
     if not target:
         raise Unparsable(f"no mathematical expression in the answer: {answer[:80]!r}")
     # Timeouts are the sandbox's job (it kills the worker); math-verify's own uses SIGALRM, main thread only.
-    return bool(verify(gold, target, float_rounding=float_rounding, timeout_seconds=None))
+    if verify(gold, target, float_rounding=float_rounding, timeout_seconds=None):
+        return True
+    # math-verify turns a comparison that raised into False; ask again with errors raised, so that a check which
+    # failed (rather than found the answer different) gets status `error` instead of passing as a wrong answer.
+    try:
+        verify(gold, target, float_rounding=float_rounding, timeout_seconds=None, raise_on_error=True)
+    except Exception as exc:  # noqa: BLE001 - any failure inside math-verify is the check's error, reported as such
+        raise RuntimeError(f"math-verify failed comparing the answer with the reference: {type(exc).__name__}: {exc}") from None
+    return False
 
 
 CHECKERS = {"exact": exact, "numeric": numeric, "choice": choice, "math": math_equal}

@@ -34,6 +34,13 @@ def test_math_verify_rejects_what_differs(answer, reference):
     assert not checkers.math_equal(answer, reference)
 
 
+def test_math_verify_failures_are_errors_not_wrong_answers():
+    # math-verify logs a comparison that raised and returns False; here it is an error the trace's status reports.
+    with pytest.raises(RuntimeError, match="math-verify failed comparing.*nan or zoo"):
+        checkers.math_equal("1", r"\frac{1}{0}")
+    assert checkers.math_equal("2", r"\frac{4}{2}") and not checkers.math_equal("3", r"\frac{4}{2}")  # no false alarms
+
+
 def test_numeric_choice_exact():
     assert checkers.numeric("1,000.0", "1000") and checkers.numeric("50%", "50") and checkers.numeric("2/4", "0.5")
     assert checkers.numeric("3.1416", "3.14159", rel_tol=1e-4) and not checkers.numeric("3.1416", "3.14159", rel_tol=1e-6)
