@@ -270,7 +270,13 @@ class LearnerConfig(_Section):
         "Token budget per forward/backward (rows x padded width); 0 uses micro_batch_size alone. Micro-batches of any "
         "size add up to the same update: each carries its share of the loss."))
     ranks: int = Field(1, ge=1, le=1024, description="Data-parallel learner ranks (Ray actors, gloo on CPU / nccl on GPU); each trains prompts_per_step / ranks groups.")
-    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage.")
+    zero_stage: int = Field(0, ge=0, le=3, description=(
+        "DeepSpeed ZeRO stage: 1 partitions optimizer state over the ranks, 2 also gradients, 3 also parameters (and the "
+        "frozen reference). tests/test_zero.py checks on CPU (gloo, 2 ranks, PPO with critic and reference) that stages "
+        "1-3 make stage 0's update, publish full weights and resume from their checkpoints."))
+    zero3_persistence_threshold: int = Field(100_000, ge=0, le=10**12, description=(
+        "ZeRO-3 keeps parameters with fewer elements than this whole on every rank (DeepSpeed's "
+        "stage3_param_persistence_threshold); 0 partitions every parameter."))
     max_staleness: int = Field(0, ge=0, le=1000, description="Oldest policy version lag a trained group may have; 0 is strictly on-policy.")
     num_cpus: float = Field(1.0, gt=0, le=256, description="Ray CPUs reserved for the learner.")
     num_gpus: float = Field(0.0, ge=0, le=8, description="Ray GPUs reserved for the learner (0 on a CPU machine).")

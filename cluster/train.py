@@ -115,9 +115,11 @@ def train_learners(cluster: Cluster) -> dict:
 
 
 def sync_weights(cluster: Cluster) -> int:
-    """One ray.put of the learner's weights (its return value), read by every rollout actor."""
-    published = cluster.learner.weights.remote()
+    """One ray.put of the learner's weights (rank 0's return value), read by every rollout actor. Every rank is
+    called: under ZeRO-3 gathering the weights is a collective."""
+    published, *others = [rank.weights.remote() for rank in cluster.learners]
     versions = ray.get([r.update_weights.remote(published) for r in cluster.rollouts])
+    ray.get(others)
     return min(versions)
 
 
@@ -197,7 +199,7 @@ def train(cfg: ExperimentConfig, run_dir: Path, log=print, resume: bool = False,
             runlog.write("evals", {"step": cfg.run.steps, "wall": time.time() - started, **after})
             report.evaluation(cfg.run.steps, after)
             report.log(f"step {cfg.run.steps} held-out accuracy {after['accuracy']:.3f}")
-            ray.get(cluster.learner.save_pretrained.remote(str(run_dir / "final")))
+            on_learners(cluster, "save_pretrained", str(run_dir / "final"))  # collective under ZeRO-3
             counters = cluster.buffer.counters()
     finally:
         runlog.close()

@@ -72,7 +72,8 @@ class Critic(torch.nn.Module):
 
 
 def _ds_config(cfg: ExperimentConfig, micro: int, world_size: int) -> dict:
-    # At ZeRO stage 0 the optimizer's step pre-hook clips (after DeepSpeed's all-reduce) and records the norm.
+    # At ZeRO stage 0 the optimizer's step pre-hook clips (after DeepSpeed's all-reduce) and records the norm; at
+    # stages 1-3 the hook would see only this rank's partition, so DeepSpeed clips the global norm itself.
     # The loop owns the accumulation boundary (managed_gradient_accumulation off): micro-batches of any number and
     # size accumulate until engine.step(), and each carries its own share of the loss, so nothing is rescaled.
     return {
@@ -81,7 +82,8 @@ def _ds_config(cfg: ExperimentConfig, micro: int, world_size: int) -> dict:
         "train_batch_size": micro * world_size,
         "managed_gradient_accumulation": False,
         "gradient_clipping": cfg.learner.grad_clip if cfg.learner.zero_stage > 0 else 0.0,
-        "zero_optimization": {"stage": cfg.learner.zero_stage},
+        "zero_optimization": {"stage": cfg.learner.zero_stage,
+                              "stage3_param_persistence_threshold": cfg.learner.zero3_persistence_threshold},
         "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -106,11 +108,13 @@ class Learner:
         model.config.use_cache = False
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.groups_per_rank = cfg.rollout.prompts_per_step // world_size
+        self.micro = min(cfg.learner.micro_batch_size, self.groups_per_rank * cfg.rollout.n)
         self.reference = None
         if cfg.learner.kl_coef > 0 or cfg.learner.algorithm in PREFERENCE:
             self.reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval().requires_grad_(False)
-        self.groups_per_rank = cfg.rollout.prompts_per_step // world_size
-        self.micro = min(cfg.learner.micro_batch_size, self.groups_per_rank * cfg.rollout.n)
+            if cfg.learner.zero_stage == 3:  # partitioned like the policy; a forward gathers one layer at a time
+                self.reference = deepspeed.initialize(model=self.reference, config=_ds_config(cfg, self.micro, world_size))[0]
         self.norms: dict[str, float] = {}
         self.engine = self._engine(model, cfg.learner.lr, cfg.learner.warmup_steps, "grad_norm")
         self.critic = None
@@ -396,14 +400,27 @@ class Learner:
 
     # ---- publication ----------------------------------------------------------------------
 
-    def weights(self) -> tuple[int, list[tuple[str, torch.Tensor]]]:
-        """(policy_version, [(HF name, CPU tensor)]): what rollout engines load in place."""
-        module = self.engine.module
-        return self.version, [(name, p.detach().to("cpu").clone()) for name, p in module.state_dict().items()]
+    def _gathered(self):
+        """Context in which the policy's parameters are whole on every rank: under ZeRO-3 a collective that every
+        rank must enter (it gathers the full model at once); a no-op at stages 0-2, where they are whole anyway."""
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()))
+
+    def weights(self, every_rank: bool = False) -> tuple[int, list[tuple[str, torch.Tensor]]]:
+        """(policy_version, [(HF name, full CPU tensor)]): what rollout engines load in place. Call it on every rank;
+        only rank 0 returns the tensors (the others an empty list) unless every_rank."""
+        with self._gathered():
+            if self.rank != 0 and not every_rank:
+                return self.version, []
+            return self.version, [(name, p.detach().to("cpu").clone()) for name, p in self.engine.module.state_dict().items()]
 
     def save_pretrained(self, directory: str) -> str:
-        self.engine.module.save_pretrained(directory)
-        self.tokenizer.save_pretrained(directory)
+        """The HF model and tokenizer, written by rank 0; call it on every rank."""
+        with self._gathered():
+            if self.rank == 0:
+                self.engine.module.save_pretrained(directory)
+                self.tokenizer.save_pretrained(directory)
         return directory
 
     def policy_version(self) -> int:

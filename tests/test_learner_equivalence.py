@@ -55,7 +55,7 @@ def _step(ray, learners):
 
 
 def _weights(ray, learner):
-    return dict(ray.get(learner.weights.remote())[1])
+    return dict(ray.get(learner.weights.remote(True))[1])
 
 
 @pytest.mark.parametrize("algorithm", ["reinforce_pp", "dpo"])
