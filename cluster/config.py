@@ -176,7 +176,7 @@ class JudgeComponent(_Component):
     max_retries: int = Field(2, ge=0, le=10, description="Fresh samples asked for when a reply cannot be parsed; then the trace is unparsable.")
     temperature: float = Field(0.0, ge=0, le=10, description="Sampling temperature of the first ask; retries sample at max(temperature, 0.7).")
     max_new_tokens: int = Field(32, ge=1, le=32768, description="Longest judge reply in tokens.")
-    cache_size: int = Field(100000, ge=0, le=10_000_000, description="Verdicts kept, keyed by a hash of the exact text the judge saw; 0 disables.")
+    cache_size: int = Field(100000, ge=0, le=10_000_000, description="Verdicts kept, keyed by a hash of the exact text the judge saw, in each reward actor and in a Redis hash all of the run's reward actors share; 0 disables.")
     kv_cache_gib: float = Field(1.0, gt=0, le=1024, description="KV-cache memory of the judge's vLLM engine, GiB (CPU backend).")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of the GPU's memory the judge's vLLM engine may take (GPU backend).")
     num_cpus: float = Field(0.0, ge=0, le=256, description="Ray CPUs reserved for the judge's actor.")

@@ -3,11 +3,14 @@
 The judge's text engine (`complete(texts, temperature, max_new_tokens) -> replies`) lives in its own Ray
 actor (cluster/judge_engine.py). Here: the prompts, the parsing of verdicts, bounded retries of unparsable
 replies, and a cache of verdicts keyed by a hash of exactly what the judge saw (the same prompt is never judged
-twice, and a changed template is never served a stale verdict).
+twice, and a changed template is never served a stale verdict). The cache has two tiers: an LRU in the reward
+actor, and `SharedVerdicts` in the run's Redis, which every reward actor of the run reads and writes, so a verdict
+one actor paid for is never bought again by another (and survives a restart with the append-only file).
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections import OrderedDict
 from typing import Any
@@ -26,11 +29,39 @@ def _complete(engine: Any, texts: list[str], temperature: float, max_new_tokens:
     return engine.complete(texts, temperature, max_new_tokens)
 
 
+class SharedVerdicts:
+    """One Redis hash of verdicts (judge-prompt hash -> JSON verdict) per judge of a run, shared by its reward actors.
+    Bounded like the local cache: once it holds more than `size`, random entries are evicted."""
+
+    def __init__(self, client, key: str, size: int):
+        self.client, self.key, self.size = client, key, size
+
+    def get(self, keys: list[str]) -> list[Any]:
+        return [None if raw is None else json.loads(raw) for raw in self.client.hmget(self.key, keys)] if keys else []
+
+    def put(self, verdicts: dict[str, Any]) -> None:
+        if not verdicts:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(self.key, mapping={k: json.dumps(v) for k, v in verdicts.items()})
+        pipe.hlen(self.key)
+        excess = pipe.execute()[-1] - self.size
+        if excess > 0:
+            self.client.hdel(self.key, *self.client.hrandfield(self.key, excess))
+
+    @classmethod
+    def for_run(cls, buffer_address, component) -> "SharedVerdicts":
+        from scratchpad.cluster.buffer import connect
+
+        judge_id = hashlib.sha256(f"{component.model_path}\0{component.mode}".encode()).hexdigest()[:12]
+        return cls(connect(buffer_address.url), f"{buffer_address.prefix}judge:{component.name}:{judge_id}", component.cache_size)
+
+
 class Judge:
     """Pointwise scores in [0, 1] or pairwise win rates, one Outcome per trace."""
 
-    def __init__(self, component, engine: Any):
-        self.c, self.engine = component, engine
+    def __init__(self, component, engine: Any, shared: SharedVerdicts | None = None):
+        self.c, self.engine, self.shared = component, engine, shared
         self.score_re, self.winner_re = re.compile(component.score_pattern), re.compile(component.winner_pattern)
         self.cache: OrderedDict[str, Any] = OrderedDict()
         self.asked = 0  # judge prompts sent to the engine (cache misses and retries), for tests and metrics
@@ -59,6 +90,11 @@ class Judge:
         for k in keys:
             if k in self.cache:
                 self.cache.move_to_end(k)
+        if self.shared is not None and self.c.cache_size:
+            missing = [i for i, v in enumerate(verdicts) if v is None]
+            for i, v in zip(missing, self.shared.get([keys[i] for i in missing])):
+                if v is not None:
+                    verdicts[i] = self.cache[keys[i]] = v
         first: dict[str, int] = {}  # identical prompts are asked once
         for i, (k, v) in enumerate(zip(keys, verdicts)):
             if v is None:
@@ -80,6 +116,8 @@ class Judge:
                     if self.c.cache_size:
                         self.cache[keys[i]] = verdict
             todo = still
+        if self.shared is not None and self.c.cache_size:
+            self.shared.put({keys[i]: verdicts[i] for i in first.values() if verdicts[i] is not None})
         while len(self.cache) > self.c.cache_size:
             self.cache.popitem(last=False)
         by_key = {k: v for k, v in zip(keys, verdicts) if v is not None}

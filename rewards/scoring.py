@@ -61,7 +61,7 @@ class Scorer:
     """Scores a batch of traces with the configured components: `score_traces(traces)` -> one Result per trace."""
 
     def __init__(self, cfg: RewardConfig, max_new_tokens: int = 96, models: dict[str, Any] | None = None,
-                 policy_path: str | None = None):
+                 policy_path: str | None = None, buffer_address=None):
         self.cfg, self.max_new_tokens = cfg, max_new_tokens
         self.components = cfg.resolved_components()
         self.models = dict(models or {})
@@ -70,9 +70,11 @@ class Scorer:
             if c.kind == "judge":
                 if c.name not in self.models:
                     raise ValueError(f"reward component {c.name}: a judge needs its engine (cluster/run.py starts one)")
-                from scratchpad.rewards.judge import Judge
+                from scratchpad.rewards.judge import Judge, SharedVerdicts
 
-                self.judges[c.name] = Judge(c, self.models[c.name])  # one per scorer: its verdict cache lives on
+                # One per scorer: its local verdict cache lives on; with the run's Redis, a shared tier behind it.
+                shared = SharedVerdicts.for_run(buffer_address, c) if buffer_address is not None else None
+                self.judges[c.name] = Judge(c, self.models[c.name], shared)
             elif c.kind in MODEL_KINDS and c.name not in self.models:
                 from scratchpad.rewards.models import load_model_scorer
 
@@ -172,7 +174,7 @@ class RewardWorker:
                  policy_path: str | None = None):
         from scratchpad.cluster.buffer import RedisBuffer
 
-        self.scorer = Scorer(cfg, max_new_tokens, models, policy_path)
+        self.scorer = Scorer(cfg, max_new_tokens, models, policy_path, buffer_address)
         self.accuracy_key = cfg.accuracy_component()
         self.buffer = RedisBuffer(buffer_address) if buffer_address is not None else None
 

@@ -16,11 +16,11 @@ from test_records_and_scoring import make_trace
 SECRET = "0:7 1:7 SECRET-THOUGHT"
 
 
-def judge_scorer(tiny_model, **fields):
+def judge_scorer(tiny_model, buffer_address=None, engine=None, **fields):
     spec = {"name": "judge", "kind": "judge", "engine": "hf", "model_path": tiny_model, **fields}
     cfg = load_config(None, [f"reward.components=[{json.dumps(spec)}]"]).reward  # JSON is YAML: the same path as a config file
-    engine = JudgeEngine(cfg.components[0], tiny_model)
-    return Scorer(cfg, models={"judge": engine})
+    engine = engine or JudgeEngine(cfg.components[0], tiny_model)
+    return Scorer(cfg, models={"judge": engine}, buffer_address=buffer_address)
 
 
 def traces_for(answers, group="g1"):
@@ -74,3 +74,27 @@ def test_pairwise_judge_asks_both_orders_so_position_bias_cancels(tiny_model):
                           winner_pattern=r"Winner: ([AB])", max_retries=1, max_new_tokens=24)
     results = strict.score([Group("g2", "p", 0, traces_for(["1", "2"], group="g2"))])
     assert [r.status for r in results] == ["unparsable", "unparsable"] and strict.judges["judge"].asked == 4
+
+
+def test_reward_actors_of_a_run_share_verdicts_through_redis(tiny_model, tmp_path):
+    # Two scorers (two reward actors) on one judge engine and one run's Redis: what one paid for, the other reads.
+    from scratchpad.cluster.buffer import BufferAddress, EmbeddedRedis
+
+    fields = dict(template="A=[{response},{response},{response}] i=1\n", score_pattern=r"<answer>(\d)</answer>",
+                  score_min=0, score_max=9, max_new_tokens=40, cache_size=4)
+    server = EmbeddedRedis(str(tmp_path)).start()
+    try:
+        address = BufferAddress(server.url, "sp:test-judge:", 100)
+        first = judge_scorer(tiny_model, address, **fields)
+        second = judge_scorer(tiny_model, address, engine=first.models["judge"], **fields)
+        first.score([Group("g1", "p", 0, traces_for(["7", "2", "9"]))])
+        assert first.judges["judge"].asked == 3
+        again = traces_for(["7", "2", "9", "4"], group="g2")
+        second.score([Group("g2", "p", 0, again)])
+        assert second.judges["judge"].asked == 1, "the verdicts the first actor paid for were asked again"
+        assert [t.reward for t in again] == pytest.approx([7 / 9, 2 / 9, 1.0, 4 / 9])
+        shared = second.judges["judge"].shared
+        second.score([Group("g3", "p", 0, traces_for(["1", "3", "5", "6"], group="g3"))])
+        assert shared.client.hlen(shared.key) == 4  # bounded by cache_size: random entries evicted
+    finally:
+        server.stop()
