@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT = ["quickstart", "dr_grpo", "rloo", "reinforce_pp", "dapo", "ppo", "online_dpo", "star"]
+DEFAULT = ["quickstart", "dr_grpo", "rloo", "reinforce_pp", "dapo", "ppo", "online_dpo", "star", "tpo"]
 
 
 def main() -> None:
