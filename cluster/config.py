@@ -68,6 +68,10 @@ class RolloutConfig(_Section):
     cpus_per_engine: float = Field(1.0, gt=0, le=256, description="Ray CPUs reserved per rollout actor.")
     gpus_per_engine: float = Field(0.0, ge=0, le=8, description="Ray GPUs reserved per rollout actor (0 on a CPU machine).")
     prompts_per_step: int = Field(16, ge=1, le=65536, description="Groups (distinct prompts) trained on per learner step.")
+    chunks_per_engine: int = Field(1, ge=1, le=1024, description=(
+        "Generate calls each engine splits its prompts into. Reward actors score each chunk as soon as it is "
+        "generated, while the engine goes on with the next, so a slow scorer (a judge, a reward model) overlaps "
+        "rollout instead of waiting for the whole step; 1 keeps vLLM's batch whole."))
     n: int = Field(8, ge=1, le=1024, description="Completions sampled per prompt; a group's size.")
     max_new_tokens: int = Field(96, ge=1, le=32768, description="Longest completion in tokens; longer ones are cut with finish_reason=length.")
     temperature: float = Field(1.0, ge=0, le=10, description="Sampling temperature for training rollouts (evaluation is greedy).")

@@ -41,9 +41,10 @@ def _split(items: list, parts: int) -> list[list]:
     return [items[i::parts] for i in range(parts)]
 
 
-def score_in_pool(cluster: Cluster, refs: list, method: str, *args) -> list:
-    """Call `method` of the least-busy reward actor on each generated chunk. At most reward.max_pending calls wait per
-    actor (Ray refuses more): when every queue is full, dispatch waits for one to drain (backpressure)."""
+def dispatch_to_pool(cluster: Cluster, refs: list, method: str, *args) -> list:
+    """Call `method` of the least-busy reward actor on each generated chunk, as soon as that chunk exists (the call
+    takes the chunk's ObjectRef, which Ray resolves when generation finishes); returns the calls. At most
+    reward.max_pending calls wait per actor: when every queue is full, dispatch waits for one to drain (backpressure)."""
     limit, pending, order = cluster.cfg.reward.max_pending, {i: [] for i in range(len(cluster.rewarders))}, []
     for ref in refs:
         while min(len(p) for p in pending.values()) >= limit:
@@ -54,21 +55,38 @@ def score_in_pool(cluster: Cluster, refs: list, method: str, *args) -> list:
         call = getattr(cluster.rewarders[actor], method).remote(ref, *args)
         pending[actor].append(call)
         order.append(call)
-    return ray.get(order)
+    return order
+
+
+def score_in_pool(cluster: Cluster, refs: list, method: str, *args) -> list:
+    return ray.get(dispatch_to_pool(cluster, refs, method, *args))
+
+
+def generate_chunks(cluster: Cluster, prompts: list) -> list:
+    """Each engine's share of `prompts` in rollout.chunks_per_engine generate calls, queued on the engine in order:
+    the first chunk's groups can be scored while the engine samples the next."""
+    chunks = cluster.cfg.rollout.chunks_per_engine
+    calls = []
+    for engine, share in zip(cluster.rollouts, _split(prompts, len(cluster.rollouts))):
+        size = -(-len(share) // chunks) if share else 0
+        calls += [engine.generate.remote(share[i : i + size]) for i in range(0, len(share), size or 1)]
+    return calls
 
 
 def produce(cluster: Cluster, prompts: list, timer: Timer, samples: int) -> dict:
-    """Sample groups for `prompts` on every engine; reward actors score them and push them to Redis."""
+    """Sample groups for `prompts` on every engine; reward actors score each chunk as it is generated and push it to
+    Redis. `generate` times until the last chunk is sampled (scoring overlaps it), `reward` what scoring adds after."""
     with timer.phase("generate"):
-        gen = [r.generate.remote(chunk) for r, chunk in zip(cluster.rollouts, _split(prompts, len(cluster.rollouts))) if chunk]
+        gen = generate_chunks(cluster, prompts)
+        calls = dispatch_to_pool(cluster, gen, "score_and_push", samples)
         ray.wait(gen, num_returns=len(gen), fetch_local=False)
     with timer.phase("reward"):
-        stats = score_in_pool(cluster, gen, "score_and_push", samples)
+        stats = ray.get(calls)
     weights = [s["traces"] for s in stats]
     merged = {k: sum(s[k] * w for s, w in zip(stats, weights)) / max(1, sum(weights)) for k in stats[0] if isinstance(stats[0][k], float)}
     merged |= {k: sum(s[k] for s in stats) for k in stats[0] if k.startswith("count_")}  # per-status counts add up
     merged["generated_tokens"] = sum(s["generated_tokens"] for s in stats)
-    merged["samples"] = [t for s in stats for t in s["samples"]]
+    merged["samples"] = [t for s in stats for t in s["samples"]][:samples]  # each chunk offers `samples`
     return merged
 
 

@@ -26,7 +26,8 @@ def test_train_end_to_end(ray_cluster, tiny_model, cache_dir, tmp_path, capsys):
     from scratchpad.cluster.train import train
 
     cfg = small_config(cache_dir, "run.steps=3", "run.eval_every=2", "learner.lr=3e-3", "reward.format_weight=0.5",
-                       "run.checkpoint_every=1", "run.keep_checkpoints=2")
+                       "run.checkpoint_every=1", "run.keep_checkpoints=2",
+                       "rollout.chunks_per_engine=2")  # rewards score the first half while the engine samples the second
     servers_before = redis_servers()
     summary = train(cfg, tmp_path / "run", log=lambda *_: None)
     run = tmp_path / "run"
