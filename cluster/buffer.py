@@ -14,6 +14,7 @@ are the newest, and at most `maxlen` of them exist.
 """
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -77,6 +78,27 @@ def connect(url: str) -> redis.Redis:
         retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=8),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
     )
+
+
+class SharedHash:
+    """A bounded map of JSON values in one Redis hash under the run's prefix, shared by every process of the run
+    (the judge's verdict cache). Past `size` entries, random ones are evicted."""
+
+    def __init__(self, address: BufferAddress, name: str, size: int):
+        self.client, self.key, self.size = connect(address.url), address.prefix + name, size
+
+    def get(self, fields: list[str]) -> list:
+        return [None if raw is None else json.loads(raw) for raw in self.client.hmget(self.key, fields)] if fields else []
+
+    def put(self, values: dict) -> None:
+        if not values:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(self.key, mapping={k: json.dumps(v) for k, v in values.items()})
+        pipe.hlen(self.key)
+        excess = pipe.execute()[-1] - self.size
+        if excess > 0:
+            self.client.hdel(self.key, *self.client.hrandfield(self.key, excess))
 
 
 class RedisBuffer:

@@ -4,17 +4,17 @@ The judge's text engine (`complete(texts, temperature, max_new_tokens) -> replie
 actor (cluster/judge_engine.py). Here: the prompts, the parsing of verdicts, bounded retries of unparsable
 replies, and a cache of verdicts keyed by a hash of exactly what the judge saw (the same prompt is never judged
 twice, and a changed template is never served a stale verdict). The cache has two tiers: an LRU in the reward
-actor, and `SharedVerdicts` in the run's Redis, which every reward actor of the run reads and writes, so a verdict
+actor, and a `SharedHash` in the run's Redis, which every reward actor of the run reads and writes, so a verdict
 one actor paid for is never bought again by another (and survives a restart with the append-only file).
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections import OrderedDict
 from typing import Any
 
+from scratchpad.cluster.buffer import SharedHash
 from scratchpad.cluster.records import Trace
 from scratchpad.rewards.sandbox import Outcome
 
@@ -29,38 +29,10 @@ def _complete(engine: Any, texts: list[str], temperature: float, max_new_tokens:
     return engine.complete(texts, temperature, max_new_tokens)
 
 
-class SharedVerdicts:
-    """One Redis hash of verdicts (judge-prompt hash -> JSON verdict) per judge of a run, shared by its reward actors.
-    Bounded like the local cache: once it holds more than `size`, random entries are evicted."""
-
-    def __init__(self, client, key: str, size: int):
-        self.client, self.key, self.size = client, key, size
-
-    def get(self, keys: list[str]) -> list[Any]:
-        return [None if raw is None else json.loads(raw) for raw in self.client.hmget(self.key, keys)] if keys else []
-
-    def put(self, verdicts: dict[str, Any]) -> None:
-        if not verdicts:
-            return
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hset(self.key, mapping={k: json.dumps(v) for k, v in verdicts.items()})
-        pipe.hlen(self.key)
-        excess = pipe.execute()[-1] - self.size
-        if excess > 0:
-            self.client.hdel(self.key, *self.client.hrandfield(self.key, excess))
-
-    @classmethod
-    def for_run(cls, buffer_address, component) -> "SharedVerdicts":
-        from scratchpad.cluster.buffer import connect
-
-        judge_id = hashlib.sha256(f"{component.model_path}\0{component.mode}".encode()).hexdigest()[:12]
-        return cls(connect(buffer_address.url), f"{buffer_address.prefix}judge:{component.name}:{judge_id}", component.cache_size)
-
-
 class Judge:
     """Pointwise scores in [0, 1] or pairwise win rates, one Outcome per trace."""
 
-    def __init__(self, component, engine: Any, shared: SharedVerdicts | None = None):
+    def __init__(self, component, engine: Any, shared: SharedHash | None = None):
         self.c, self.engine, self.shared = component, engine, shared
         self.score_re, self.winner_re = re.compile(component.score_pattern), re.compile(component.winner_pattern)
         self.cache: OrderedDict[str, Any] = OrderedDict()
@@ -122,6 +94,12 @@ class Judge:
             self.cache.popitem(last=False)
         by_key = {k: v for k, v in zip(keys, verdicts) if v is not None}
         return [by_key.get(k) for k in keys]
+
+    @staticmethod
+    def shared_cache(buffer_address, component) -> SharedHash:
+        """The run's Redis hash of this judge's verdicts: named by the component, its model and its mode."""
+        judge_id = hashlib.sha256(f"{component.model_path}\0{component.mode}".encode()).hexdigest()[:12]
+        return SharedHash(buffer_address, f"judge:{component.name}:{judge_id}", component.cache_size)
 
     def score(self, traces: list[Trace]) -> list[Outcome]:
         unparsable = Outcome("unparsable", 0.0, "no <answer>..</answer> block")

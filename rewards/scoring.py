@@ -70,10 +70,10 @@ class Scorer:
             if c.kind == "judge":
                 if c.name not in self.models:
                     raise ValueError(f"reward component {c.name}: a judge needs its engine (cluster/run.py starts one)")
-                from scratchpad.rewards.judge import Judge, SharedVerdicts
+                from scratchpad.rewards.judge import Judge
 
                 # One per scorer: its local verdict cache lives on; with the run's Redis, a shared tier behind it.
-                shared = SharedVerdicts.for_run(buffer_address, c) if buffer_address is not None else None
+                shared = Judge.shared_cache(buffer_address, c) if buffer_address is not None else None
                 self.judges[c.name] = Judge(c, self.models[c.name], shared)
             elif c.kind in MODEL_KINDS and c.name not in self.models:
                 from scratchpad.rewards.models import load_model_scorer
