@@ -44,6 +44,7 @@ def test_sigterm_checkpoints_stops_everything_and_resumes(tiny_model, cache_dir,
         checkpoints = sorted((run_dir / "checkpoints").glob("step-*"))
         assert checkpoints, "no checkpoint was written on SIGTERM"
         assert int(checkpoints[-1].name.split("-")[1]) >= 2
+        assert "Stopped early after step" in (run_dir / "report.html").read_text()  # a graceful stop writes the report
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -55,3 +56,4 @@ def test_sigterm_checkpoints_stops_everything_and_resumes(tiny_model, cache_dir,
     assert summary["steps"] == 8 and summary["policy_version"] == 8 and summary["invariant_holds"]
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == list(range(1, 9))
+    assert "Stopped early" not in (run_dir / "report.html").read_text()  # the finished run's report replaces it
