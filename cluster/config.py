@@ -262,7 +262,9 @@ class LearnerConfig(_Section):
     beta: float = Field(0.1, gt=0, le=100, description="dpo/ipo: strength of the implicit KL to the reference (DPO's beta; IPO's tau).")
     star_threshold: float = Field(1.0, description="star: a trace whose reward is at least this counts as verified and is trained on.")
     gamma: float = Field(1.0, ge=0, le=1, description="ppo: discount per token in GAE.")
-    lam: float = Field(0.95, ge=0, le=1, description="ppo: GAE lambda.")
+    lam: float = Field(1.0, ge=0, le=1, description=(
+        "ppo: GAE lambda. Below 1 the final reward reaches a completion's first tokens shrunk by lam^length, so short "
+        "completions get more credit for their opening choice than long ones: at 0.95 PPO learned to stop thinking."))
     critic_lr: float = Field(1e-4, gt=0, le=1, description="ppo: AdamW learning rate of the critic (a copy of the policy's body with a scalar head).")
     value_clip: float | None = Field(0.2, gt=0, le=100, description="ppo: clip range of the value loss around the old values; null disables.")
     critic_warmup_steps: int = Field(0, ge=0, le=1_000_000, description="ppo: steps at the start in which only the critic learns.")
