@@ -16,10 +16,6 @@ class Unparsable(Exception):
     """The answer could not be read (not a number, no option letter, no mathematical expression)."""
 
 
-class _ParseFailed(Exception):
-    """math-verify's parser raised (it would otherwise log it and return nothing)."""
-
-
 def normalise(text: str) -> str:
     return " ".join(text.strip().lower().split())
 
@@ -72,7 +68,9 @@ def choice(answer: str, reference: str, options: str = "ABCDEFGHIJ") -> bool:
     return _option(answer, options) == ref
 
 
-def _math_parse(text: str, extraction: list):
+def _math_parse(text: str, extraction: list, whose: str, failure: type[Exception]):
+    """math-verify's parse of `text`; when its parser raises (it would log that and return nothing), `failure`
+    naming whose text it was: the answer's is unparsable, the reference's an error."""
     from math_verify import parse
 
     # Its "timeout is disabled" warning is expected: the sandbox kills an overrunning worker instead.
@@ -81,8 +79,8 @@ def _math_parse(text: str, extraction: list):
     delimited = any(d in text for d in ("$", "\\boxed", "\\[", "\\("))
     try:
         return parse(text if delimited else f"${text}$", extraction_config=extraction, parsing_timeout=None, raise_on_error=True)
-    except Exception as exc:  # noqa: BLE001 - the parser crashed on this text; callers say whose text it was
-        raise _ParseFailed(f"{type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - the parser crashed on this text
+        raise failure(f"math-verify failed parsing the {whose} {text[:80]!r}: {type(exc).__name__}: {exc}") from None
 
 
 def math_equal(answer: str, reference: str, float_rounding: int = 6) -> bool:
@@ -90,16 +88,10 @@ def math_equal(answer: str, reference: str, float_rounding: int = 6) -> bool:
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, verify
 
     extraction = [LatexExtractionConfig(), ExprExtractionConfig()]
-    try:
-        gold = _math_parse(reference, extraction)
-    except _ParseFailed as exc:
-        raise ValueError(f"math-verify failed parsing the reference {reference[:80]!r}: {exc}") from None
+    gold = _math_parse(reference, extraction, "reference", ValueError)
     if not gold:
         raise ValueError(f"reference is not a mathematical expression: {reference[:80]!r}")
-    try:
-        target = _math_parse(answer, extraction)
-    except _ParseFailed as exc:
-        raise Unparsable(f"math-verify failed parsing the answer {answer[:80]!r}: {exc}") from None
+    target = _math_parse(answer, extraction, "answer", Unparsable)
     if not target:
         raise Unparsable(f"no mathematical expression in the answer: {answer[:80]!r}")
     # Timeouts are the sandbox's job (it kills the worker); math-verify's own uses SIGALRM, main thread only.
