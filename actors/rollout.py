@@ -10,8 +10,8 @@ import time
 import uuid
 
 from scratchpad.actors.formatting import chat_prompt, parse_completion, plain_prompt
-from scratchpad.cluster.config import ExperimentConfig
-from scratchpad.cluster.records import Group, Prompt, Trace, pack_ids, pack_logprobs
+from scratchpad.common.config import ExperimentConfig
+from scratchpad.common.records import Group, Prompt, Trace, pack_ids, pack_logprobs
 
 
 class RolloutWorker:

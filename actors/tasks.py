@@ -10,8 +10,8 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
-from scratchpad.cluster.config import TaskConfig
-from scratchpad.cluster.records import Prompt, read_json_lines
+from scratchpad.common.config import TaskConfig
+from scratchpad.common.records import Prompt, read_json_lines
 
 EVAL_SEED_OFFSET = 1000003  # the held-out stream never shares a seed with training
 

@@ -19,8 +19,8 @@ import statistics
 import tempfile
 import time
 
-from scratchpad.cluster.buffer import LEARNER_GROUP, BufferAddress, EmbeddedRedis, RedisBuffer
-from scratchpad.cluster.records import Group, Trace, encode_group, pack_ids, pack_logprobs
+from scratchpad.common.buffer import LEARNER_GROUP, BufferAddress, EmbeddedRedis, RedisBuffer
+from scratchpad.common.records import Group, Trace, encode_group, pack_ids, pack_logprobs
 
 
 def make_group(i: int, traces: int, tokens: int, rng: random.Random) -> Group:

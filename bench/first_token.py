@@ -13,7 +13,7 @@ import json
 from scratchpad.actors.formatting import ANSWER_OPEN, THINK_OPEN, parse_completion
 from scratchpad.actors.rollout import RolloutWorker
 from scratchpad.actors.tasks import eval_set
-from scratchpad.cluster.config import load_config
+from scratchpad.common.config import load_config
 
 
 def main() -> None:

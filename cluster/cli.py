@@ -7,8 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from scratchpad.cluster.buffer import BufferFull
-from scratchpad.cluster.config import ConfigError, dump_config, load_config
+from scratchpad.common.buffer import BufferFull
+from scratchpad.common.config import ConfigError, dump_config, load_config
 from scratchpad.cluster.jobs import DEFAULT_ADDRESS, JobError
 
 
@@ -127,7 +127,7 @@ def _train(args) -> int:
 def _train_rm(args) -> int:
     import tempfile
 
-    from scratchpad.cluster.config import ExperimentConfig, RewardModelTrainConfig
+    from scratchpad.common.config import ExperimentConfig, RewardModelTrainConfig
     from scratchpad.rewards.train_rm import read_pairs, train_reward_model
 
     cfg = load_config(args.config, args.overrides, schema=RewardModelTrainConfig)
@@ -212,7 +212,7 @@ def _status(run_dir: Path) -> int:
     """The run's buffer counters, read back from its Redis (the embedded one is restarted on its AOF)."""
     import json
 
-    from scratchpad.cluster.buffer import BufferAddress, EmbeddedRedis, RedisBuffer
+    from scratchpad.common.buffer import BufferAddress, EmbeddedRedis, RedisBuffer
 
     ident_path, cfg_path = run_dir / "run.json", run_dir / "config.yaml"
     if not ident_path.exists() or not cfg_path.exists():

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from scratchpad.actors.formatting import plain_prompt, target_completion
 from scratchpad.actors.tasks import GENERATORS, worked_thought
-from scratchpad.cluster.config import ExperimentConfig
+from scratchpad.common.config import ExperimentConfig
 
 BUILD_VERSION = 1  # bump when the builder's output changes for the same config
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]

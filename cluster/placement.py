@@ -13,7 +13,7 @@ from ray.exceptions import GetTimeoutError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from scratchpad.cluster.config import ConfigError, ExperimentConfig
+from scratchpad.common.config import ConfigError, ExperimentConfig
 
 
 class PlacementError(ConfigError):
@@ -38,7 +38,7 @@ def model_role(component) -> str:
 
 def roles(cfg: ExperimentConfig) -> list[Role]:
     """What the run reserves. Reward actors with 0 CPUs (the default) share the others' cores and reserve nothing."""
-    from scratchpad.cluster.config import MODEL_KINDS
+    from scratchpad.common.config import MODEL_KINDS
 
     found = [
         Role("rollout engine", cfg.rollout.num_engines, cfg.rollout.cpus_per_engine, cfg.rollout.gpus_per_engine),

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from scratchpad.cluster.config import ConfigError, ExperimentConfig, dump_config
+from scratchpad.common.config import ConfigError, ExperimentConfig, dump_config
 
 
 def check_wandb(cfg: ExperimentConfig) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from scratchpad.cluster.config import ExperimentConfig
+from scratchpad.common.config import ExperimentConfig
 
 
 def plot(run_dir: Path, history: list[dict], evals: list[dict]) -> Path:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import ray
 
-from scratchpad.cluster.buffer import BufferAddress, EmbeddedRedis, RedisBuffer, free_port
-from scratchpad.cluster.config import ExperimentConfig
+from scratchpad.common.buffer import BufferAddress, EmbeddedRedis, RedisBuffer, free_port
+from scratchpad.common.config import ExperimentConfig
 from scratchpad.cluster.metrics import RayMetrics
 from scratchpad.cluster.placement import model_role, release, reserve, strategy
 
@@ -139,8 +139,8 @@ class Cluster:
 
     def _start_reward_models(self, env: dict, index: dict) -> dict:
         """One Ray actor per model component (likelihood LM, reward model, judge engine), shared by every reward actor."""
-        from scratchpad.cluster.config import MODEL_KINDS
-        from scratchpad.cluster.judge_engine import JudgeEngine
+        from scratchpad.common.config import MODEL_KINDS
+        from scratchpad.actors.judge_engine import JudgeEngine
         from scratchpad.rewards.models import ModelScorer
 
         started = {}

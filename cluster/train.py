@@ -16,7 +16,7 @@ from pathlib import Path
 import ray
 
 from scratchpad.actors.tasks import eval_set, train_stream
-from scratchpad.cluster.config import ExperimentConfig, dump_config
+from scratchpad.common.config import ExperimentConfig, dump_config
 from scratchpad.cluster.make_model import resolve_model
 from scratchpad.cluster.progress import StepReporter, check_wandb
 from scratchpad.cluster.report import write_outputs, write_report

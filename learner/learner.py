@@ -13,9 +13,9 @@ import time
 import numpy as np
 import torch
 
-from scratchpad.cluster.buffer import BufferAddress, RedisBuffer
-from scratchpad.cluster.config import ExperimentConfig
-from scratchpad.cluster.records import Group, unpack_ids, unpack_logprobs
+from scratchpad.common.buffer import BufferAddress, RedisBuffer
+from scratchpad.common.config import ExperimentConfig
+from scratchpad.common.records import Group, unpack_ids, unpack_logprobs
 from scratchpad.learner.algorithms import (
     ADVANTAGES, aggregate, entropy_from_logits, gae_advantages, policy_loss, preference_loss, preference_pairs, token_logprobs,
     value_loss_per_token,

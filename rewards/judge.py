@@ -1,7 +1,7 @@
 """An LLM judge for Thought Preference Optimisation: it sees the instruction and the response, never the thought.
 
 The judge's text engine (`complete(texts, temperature, max_new_tokens) -> replies`) lives in its own Ray
-actor (cluster/judge_engine.py). Here: the prompts, the parsing of verdicts, bounded retries of unparsable
+actor (actors/judge_engine.py). Here: the prompts, the parsing of verdicts, bounded retries of unparsable
 replies, and a cache of verdicts keyed by a hash of exactly what the judge saw (the same prompt is never judged
 twice, and a changed template is never served a stale verdict). The cache has two tiers: an LRU in the reward
 actor, and a `SharedHash` in the run's Redis, which every reward actor of the run reads and writes, so a verdict
@@ -14,8 +14,8 @@ import re
 from collections import OrderedDict
 from typing import Any
 
-from scratchpad.cluster.buffer import SharedHash
-from scratchpad.cluster.records import Trace
+from scratchpad.common.buffer import SharedHash
+from scratchpad.common.records import Trace
 from scratchpad.rewards.sandbox import Outcome
 
 RETRY_TEMPERATURE = 0.7  # a greedy judge would repeat its unparsable reply

@@ -13,8 +13,8 @@ from __future__ import annotations
 import time
 from typing import Any, NamedTuple
 
-from scratchpad.cluster.config import CHECKER_KINDS, MODEL_KINDS, RewardConfig
-from scratchpad.cluster.records import Group, Trace
+from scratchpad.common.config import CHECKER_KINDS, MODEL_KINDS, RewardConfig
+from scratchpad.common.records import Group, Trace
 from scratchpad.rewards import checkers
 from scratchpad.rewards.sandbox import CheckerPool, Outcome
 
@@ -172,7 +172,7 @@ class RewardWorker:
 
     def __init__(self, cfg: RewardConfig, buffer_address=None, max_new_tokens: int = 96, models: dict | None = None,
                  policy_path: str | None = None):
-        from scratchpad.cluster.buffer import RedisBuffer
+        from scratchpad.common.buffer import RedisBuffer
 
         self.scorer = Scorer(cfg, max_new_tokens, models, policy_path, buffer_address)
         self.accuracy_key = cfg.accuracy_component()

@@ -11,8 +11,8 @@ import random
 import time
 from pathlib import Path
 
-from scratchpad.cluster.config import RewardModelTrainConfig
-from scratchpad.cluster.records import read_json_lines
+from scratchpad.common.config import RewardModelTrainConfig
+from scratchpad.common.records import read_json_lines
 
 
 def read_pairs(path: str) -> list[dict]:

@@ -23,7 +23,7 @@ def cache_dir(tmp_path_factory) -> Path:
 
 def small_config(cache_dir: Path, *overrides: str):
     """A config sized for tests: a smaller tiny model, short warm start, few prompts."""
-    from scratchpad.cluster.config import load_config
+    from scratchpad.common.config import load_config
 
     return load_config(None, [
         "name=test",

@@ -1,4 +1,6 @@
-"""actors/, rewards/ and learner/ never import one another; heavy dependencies have one import site each."""
+"""The floors: common/ (config, records, buffer client) imports no role and no driver module; actors/, rewards/ and
+learner/ import only common/ and themselves; cluster/ (the driver) may import everything. Heavy dependencies have one
+import site each."""
 import ast
 from pathlib import Path
 
@@ -15,25 +17,31 @@ def imports(path: Path):
             yield node.module
 
 
-def test_parts_meet_only_through_cluster():
+def test_roles_meet_only_through_common():
     bad = []
     for part in PARTS:
         for path in (ROOT / part).rglob("*.py"):
             for name in imports(path):
-                for other in PARTS:
+                for other in (*PARTS, "cluster"):
                     if other != part and name.startswith(f"scratchpad.{other}"):
                         bad.append(f"{path.relative_to(ROOT)} imports {name}")
     assert not bad, bad
 
 
+def test_ground_floor_imports_no_role_and_no_driver():
+    bad = [f"{path.relative_to(ROOT)} imports {name}" for path in (ROOT / "common").rglob("*.py") for name in imports(path)
+           if name.startswith("scratchpad.") and not name.startswith("scratchpad.common")]
+    assert not bad, bad
+
+
 def test_one_import_site_per_heavy_dependency():
     sites = {"vllm": set(), "deepspeed": set(), "redis": set()}
-    for folder in ("actors", "rewards", "learner", "cluster"):
+    for folder in ("actors", "rewards", "learner", "cluster", "common"):
         for path in (ROOT / folder).rglob("*.py"):
             for name in imports(path):
                 top = name.split(".")[0]
                 if top in sites:
                     sites[top].add(str(path.relative_to(ROOT)))
     assert sites["vllm"] == {"actors/engines.py"}
-    assert sites["deepspeed"] == {"learner/learner.py"}
-    assert sites["redis"] <= {"cluster/buffer.py"}
+    assert sites["deepspeed"] == {"learner/engine.py"}
+    assert sites["redis"] <= {"common/buffer.py"}

@@ -1,8 +1,8 @@
 """The Redis buffer against a real embedded redis-server: put, read, ack, counters, dead letters."""
 import pytest
 
-from scratchpad.cluster.buffer import LEARNER_GROUP, BufferAddress, EmbeddedRedis, RedisBuffer
-from scratchpad.cluster.records import Group
+from scratchpad.common.buffer import LEARNER_GROUP, BufferAddress, EmbeddedRedis, RedisBuffer
+from scratchpad.common.records import Group
 
 from test_records_and_scoring import make_trace
 
@@ -91,7 +91,7 @@ def test_full_buffer_makes_producers_wait_and_trims_only_acknowledged_entries(se
     import threading
     import time
 
-    from scratchpad.cluster.buffer import BufferFull
+    from scratchpad.common.buffer import BufferFull
 
     address = BufferAddress(server.url, "sp:bound:", 16, put_timeout_s=0.5)
     buf = RedisBuffer(address)

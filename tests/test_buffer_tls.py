@@ -14,7 +14,7 @@ import threading
 import pytest
 import redis
 
-from scratchpad.cluster.buffer import BufferAddress, EmbeddedRedis, RedisBuffer
+from scratchpad.common.buffer import BufferAddress, EmbeddedRedis, RedisBuffer
 from test_buffer import groups
 
 pytestmark = pytest.mark.integration

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from scratchpad.cluster.config import ConfigError, ExperimentConfig, dump_config, load_config
+from scratchpad.common.config import ConfigError, ExperimentConfig, dump_config, load_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 

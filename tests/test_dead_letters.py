@@ -13,8 +13,8 @@ def test_malformed_entries_never_stop_the_learner(ray_cluster, tiny_model, cache
     ray = ray_cluster
     from scratchpad.actors.rollout import RolloutWorker
     from scratchpad.actors.tasks import train_stream
-    from scratchpad.cluster.buffer import BufferAddress, EmbeddedRedis, RedisBuffer, free_port
-    from scratchpad.cluster.records import encode_group
+    from scratchpad.common.buffer import BufferAddress, EmbeddedRedis, RedisBuffer, free_port
+    from scratchpad.common.records import encode_group
     from scratchpad.cluster.run import actor_env
     from scratchpad.learner.learner import Learner
 

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from scratchpad.cluster.config import load_config
-from scratchpad.cluster.judge_engine import JudgeEngine
-from scratchpad.cluster.records import Group
+from scratchpad.common.config import load_config
+from scratchpad.actors.judge_engine import JudgeEngine
+from scratchpad.common.records import Group
 from scratchpad.rewards.scoring import Scorer
 from test_records_and_scoring import make_trace
 
@@ -78,7 +78,7 @@ def test_pairwise_judge_asks_both_orders_so_position_bias_cancels(tiny_model):
 
 def test_reward_actors_of_a_run_share_verdicts_through_redis(tiny_model, tmp_path):
     # Two scorers (two reward actors) on one judge engine and one run's Redis: what one paid for, the other reads.
-    from scratchpad.cluster.buffer import BufferAddress, EmbeddedRedis
+    from scratchpad.common.buffer import BufferAddress, EmbeddedRedis
 
     fields = dict(template="A=[{response},{response},{response}] i=1\n", score_pattern=r"<answer>(\d)</answer>",
                   score_min=0, score_max=9, max_new_tokens=40, cache_size=4)

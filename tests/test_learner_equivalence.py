@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 def synthetic_groups(tokenizer, count: int, n: int, seed: int, tag: str):
     """`count` groups of `n` traces with real token ids of varied lengths, mixed 0/1 rewards and sampler logprobs
     near the truth, so the ratio, clip, advantages and padding all take part."""
-    from scratchpad.cluster.records import Group, Trace, pack_ids, pack_logprobs
+    from scratchpad.common.records import Group, Trace, pack_ids, pack_logprobs
 
     rng = random.Random(seed)
     vocab = [i for i in range(len(tokenizer)) if i not in tokenizer.all_special_ids]
@@ -40,7 +40,7 @@ def _push(buffer, groups):
 
 
 def _learners(ray, cfg, model, address, ranks, resume_from=None):
-    from scratchpad.cluster.buffer import free_port
+    from scratchpad.common.buffer import free_port
     from scratchpad.cluster.run import actor_env
     from scratchpad.learner.learner import Learner
 
@@ -63,7 +63,7 @@ def test_two_ranks_make_the_same_update_as_one(ray_cluster, tiny_model, cache_di
     ray = ray_cluster
     from transformers import AutoTokenizer
 
-    from scratchpad.cluster.buffer import BufferAddress, EmbeddedRedis, RedisBuffer
+    from scratchpad.common.buffer import BufferAddress, EmbeddedRedis, RedisBuffer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     groups = synthetic_groups(tokenizer, 8, 4, seed=1, tag="g")
@@ -108,7 +108,7 @@ def test_resumed_step_equals_uninterrupted_step(ray_cluster, tiny_model, cache_d
     ray = ray_cluster
     from transformers import AutoTokenizer
 
-    from scratchpad.cluster.buffer import BufferAddress, EmbeddedRedis, RedisBuffer
+    from scratchpad.common.buffer import BufferAddress, EmbeddedRedis, RedisBuffer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     first, second = (synthetic_groups(tokenizer, 4, 4, seed=s, tag=t) for s, t in ((2, "a"), (3, "b")))

@@ -5,8 +5,8 @@ import random
 import pytest
 
 from scratchpad.actors.tasks import array_access
-from scratchpad.cluster.config import load_config
-from scratchpad.cluster.records import Group
+from scratchpad.common.config import load_config
+from scratchpad.common.records import Group
 from scratchpad.rewards.scoring import Scorer
 from test_records_and_scoring import make_trace
 
@@ -96,7 +96,7 @@ def test_composed_reward_in_ray_actors(ray_cluster, tiny_model, cache_dir):
     import ray
 
     from conftest import small_config
-    from scratchpad.cluster.judge_engine import JudgeEngine
+    from scratchpad.actors.judge_engine import JudgeEngine
     from scratchpad.cluster.run import actor_env
     from scratchpad.rewards.models import ModelScorer
     from scratchpad.rewards.scoring import RewardWorker

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from scratchpad.cluster.config import load_config
+from scratchpad.common.config import load_config
 from scratchpad.cluster.placement import PlacementError, check_fits, reserve, release, roles
 
 

@@ -4,7 +4,7 @@ import io
 from rich.console import Console
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from scratchpad.cluster.config import ConfigError, load_config
+from scratchpad.common.config import ConfigError, load_config
 from scratchpad.cluster.progress import StepReporter, check_wandb
 
 RECORD = {"step": 1, "wall": 12.5, "reward": 0.5, "accuracy": 0.25, "tokens_per_s": 900.0, "loss": 0.01, "time_train": 1.5}

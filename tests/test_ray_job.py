@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from scratchpad.cluster.buffer import free_port
+from scratchpad.common.buffer import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "scratchpad.cluster.cli"]

@@ -1,8 +1,8 @@
 """Records survive msgpack; malformed payloads are rejected; the default scorer keeps its correct/format meaning."""
 import pytest
 
-from scratchpad.cluster.config import RewardConfig
-from scratchpad.cluster.records import Group, Trace, decode_group, encode_group, pack_ids, pack_logprobs, unpack_ids
+from scratchpad.common.config import RewardConfig
+from scratchpad.common.records import Group, Trace, decode_group, encode_group, pack_ids, pack_logprobs, unpack_ids
 from scratchpad.rewards.scoring import Scorer
 
 

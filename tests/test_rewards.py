@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from scratchpad.cluster.config import ConfigError, load_config
-from scratchpad.cluster.records import Group
+from scratchpad.common.config import ConfigError, load_config
+from scratchpad.common.records import Group
 from scratchpad.rewards import checkers
 from scratchpad.rewards.sandbox import CheckerPool
 from scratchpad.rewards.scoring import Scorer, centre_by_group, overlong_penalty, summarise
@@ -195,7 +195,7 @@ def test_train_rm_mistakes_get_one_line_and_exit_2(tmp_path, args, words):
 def test_every_component_field_is_documented():
     import typing
 
-    from scratchpad.cluster import config
+    from scratchpad.common import config
 
     kinds = typing.get_args(typing.get_args(config.Component)[0])
     assert len(kinds) == 9

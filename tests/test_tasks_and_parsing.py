@@ -6,7 +6,7 @@ import pytest
 
 from scratchpad.actors.formatting import parse_completion, target_completion
 from scratchpad.actors.tasks import array_access, eval_set, read_jsonl, train_stream, worked_thought
-from scratchpad.cluster.config import load_config
+from scratchpad.common.config import load_config
 
 
 def test_array_access_answer_is_the_indexed_element():

@@ -11,8 +11,8 @@ def test_learner_update_reaches_vllm(ray_cluster, tiny_model, cache_dir, tmp_pat
     from scratchpad.actors.engines import HFEngine
     from scratchpad.actors.rollout import RolloutWorker
     from scratchpad.actors.tasks import eval_set, train_stream
-    from scratchpad.cluster.buffer import BufferAddress, EmbeddedRedis, RedisBuffer, free_port
-    from scratchpad.cluster.records import unpack_ids
+    from scratchpad.common.buffer import BufferAddress, EmbeddedRedis, RedisBuffer, free_port
+    from scratchpad.common.records import unpack_ids
     from scratchpad.cluster.run import actor_env
     from scratchpad.learner.learner import Learner
 

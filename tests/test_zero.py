@@ -47,7 +47,7 @@ def test_zero_stages_make_the_same_update(ray_cluster, tiny_model, cache_dir, tm
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from scratchpad.cluster.buffer import BufferAddress, EmbeddedRedis, RedisBuffer, free_port
+    from scratchpad.common.buffer import BufferAddress, EmbeddedRedis, RedisBuffer, free_port
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     first, second = synthetic_groups(tokenizer, 8, 4, seed=1, tag="a"), synthetic_groups(tokenizer, 8, 4, seed=2, tag="b")

@@ -1,7 +1,7 @@
 """The judge's engine actor: text in, text out, on vLLM (or HF transformers), for a `judge` reward component.
 
-It lives in cluster/ because it joins the rollout engines (actors/engines.py, the one vLLM import site) with
-the reward side (rewards/judge.py holds the prompts, parsing, retries and cache), which never import each other.
+It is an engine host like a rollout actor, so it lives beside the engines (actors/engines.py, the one vLLM import
+site). The reward side (rewards/judge.py: prompts, parsing, retries, cache) reaches it only through a Ray handle.
 """
 from __future__ import annotations
 

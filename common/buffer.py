@@ -29,7 +29,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from scratchpad.cluster.records import Group, decode_group, encode_group
+from scratchpad.common.records import Group, decode_group, encode_group
 
 LEARNER_GROUP = "learner"
 

@@ -1,0 +1,1 @@
+"""The ground floor every role imports: the config schema, the records that cross process boundaries, and the buffer client (the only module that talks to Redis). Imports no role and no driver module."""
