@@ -12,6 +12,25 @@ from dataclasses import dataclass
 from typing import Protocol
 
 
+def bucket_tensors(buckets) -> list[tuple[str, object]]:
+    """(HF name, torch tensor) for every parameter of published weight buckets (common/records.WeightBucket), as views
+    of the buckets' buffers: no copy until the engine copies them into its own parameters."""
+    import warnings
+
+    import torch
+
+    from scratchpad.common.records import unpack_bucket
+
+    out = []
+    with warnings.catch_warnings():  # the object store's buffers are read-only; engines only ever read them
+        warnings.simplefilter("ignore", UserWarning)
+        for bucket in buckets:
+            for name, array in unpack_bucket(bucket):
+                tensor = torch.from_numpy(array)
+                out.append((name, tensor.view(torch.bfloat16) if bucket.dtype == "bfloat16" else tensor))
+    return out
+
+
 @dataclass
 class Sample:
     token_ids: list[int]  # (C,) completion ids, EOS included when the model stopped

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 
+from scratchpad.actors.engines import bucket_tensors
 from scratchpad.actors.formatting import chat_prompt, parse_completion, plain_prompt
 from scratchpad.common.config import ExperimentConfig
 from scratchpad.common.records import Group, Prompt, Trace, pack_ids, pack_logprobs
@@ -19,7 +20,7 @@ class RolloutWorker:
         import torch
         from transformers import AutoTokenizer
 
-        torch.set_num_threads(cfg.run.threads_per_actor)
+        torch.set_num_threads(cfg.run.threads_for("eval" if index >= cfg.rollout.num_engines else "rollout"))  # the evaluator comes after the engines
         self.cfg = cfg
         self.index = index
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -76,8 +77,8 @@ class RolloutWorker:
         return groups
 
     def update_weights(self, published: tuple[int, list]) -> int:
-        """Load (policy_version, [(name, tensor)]) into the running engine; returns the version now held."""
-        version, named_tensors = published
-        self.engine.load_weights(named_tensors)
+        """Load (policy_version, [WeightBucket]) into the running engine in place; returns the version now held."""
+        version, buckets = published
+        self.engine.load_weights(bucket_tensors(buckets))
         self.version = version
         return self.version

@@ -73,8 +73,34 @@ def check_fits(need: list[Role], total: dict[str, float], largest_node: dict[str
                                      f"the largest node has {_n(largest_node.get(resource, 0.0))}")
 
 
+def check_cores(cfg: ExperimentConfig, available: set[int]) -> None:
+    """run.cores must name cores this machine lets the run use, and keep rollout and learner apart (overlap only pays
+    when they do not share a core)."""
+    cores = cfg.run.cores or {}
+    for role, listed in cores.items():
+        if not listed:
+            raise PlacementError(f"placement: run.cores.{role} is empty")
+        missing = sorted(set(listed) - available)
+        if missing:
+            raise PlacementError(f"placement: run.cores.{role} names cores {missing}; this machine offers {sorted(available)}")
+    shared = sorted(set(cores.get("rollout", [])) & set(cores.get("learner", [])))
+    if shared:
+        raise PlacementError(f"placement: run.cores gives cores {shared} to both rollout and learner; they must be disjoint")
+    engines = cfg.rollout.num_engines * cfg.rollout.cpus_per_engine
+    if "rollout" in cores and engines > len(cores["rollout"]):
+        raise PlacementError(f"placement: {cfg.rollout.num_engines} rollout engines x {cfg.rollout.cpus_per_engine:g} CPUs need "
+                             f"{engines:g} cores; run.cores.rollout gives {len(cores['rollout'])}")
+    ranks = cfg.learner.ranks * cfg.learner.num_cpus
+    if "learner" in cores and ranks > len(cores["learner"]):
+        raise PlacementError(f"placement: {cfg.learner.ranks} learner ranks x {cfg.learner.num_cpus:g} CPUs need {ranks:g} "
+                             f"cores; run.cores.learner gives {len(cores['learner'])}")
+
+
 def reserve(cfg: ExperimentConfig) -> tuple[object, dict[str, list[int]]]:
     """A ready placement group and, per role name, the bundle index of each of its actors."""
+    import os
+
+    check_cores(cfg, set(os.sched_getaffinity(0)))
     need = roles(cfg)
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     largest = max(nodes, key=lambda r: (r.get("GPU", 0.0), r.get("CPU", 0.0))) if nodes else {}

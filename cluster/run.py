@@ -16,15 +16,15 @@ from pathlib import Path
 
 import ray
 
-from scratchpad.common.buffer import BufferAddress, EmbeddedRedis, RedisBuffer, free_port
+from scratchpad.common.buffer import BufferAddress, EmbeddedRedis, RedisBuffer
 from scratchpad.common.config import ExperimentConfig
 from scratchpad.cluster.metrics import RayMetrics
 from scratchpad.cluster.placement import model_role, release, reserve, strategy
 
 
-def actor_env(cfg: ExperimentConfig) -> dict[str, str]:
-    """Environment for every actor: thread counts that fit the reserved CPUs, vLLM's in-process engine."""
-    threads = str(cfg.run.threads_per_actor)
+def actor_env(cfg: ExperimentConfig, role: str = "") -> dict[str, str]:
+    """Environment for a role's actors: thread counts that fit its CPUs (run.cores), vLLM's in-process engine."""
+    threads = str(cfg.run.threads_for(role))
     return {
         "OMP_NUM_THREADS": threads,
         "MKL_NUM_THREADS": threads,
@@ -40,6 +40,32 @@ def actor_env(cfg: ExperimentConfig) -> dict[str, str]:
             Path.home() / ".cache" / "scratchpad" / "torch_extensions" / hashlib.sha1(sys.prefix.encode()).hexdigest()[:12])),
         "PYTHONWARNINGS": "ignore",
     }
+
+
+def _where(worker) -> tuple[str, int]:
+    return ray.util.get_node_ip_address(), os.getpid()
+
+
+def pin(actors: list, cores: list[int]) -> None:
+    """Pin every thread of each actor's process (on this node) to `cores`; threads it starts later inherit the mask."""
+    here = ray.util.get_node_ip_address()
+    for node, pid in ray.get([a.__ray_call__.remote(_where) for a in actors], timeout=60):
+        if node != here:
+            continue  # another node's cores are its own business: run.cores describes one machine
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                os.sched_setaffinity(int(tid), cores)
+            except ProcessLookupError:  # a thread that ended meanwhile
+                pass
+
+
+def _rendezvous() -> tuple[str, int]:
+    """(IP address, free TCP port) of the node this task runs on."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return ray.util.get_node_ip_address(), sock.getsockname()[1]
 
 
 def run_identity(run_dir: Path, name: str) -> dict:
@@ -61,6 +87,7 @@ class Cluster:
         self.redis: EmbeddedRedis | None = None
         self.started_ray = False
         self.actors: list = []
+        self.evaluator = None
         self.placement = None
         self.stop_requested = threading.Event()  # set by the first SIGTERM/Ctrl-C: finish the step, checkpoint, stop
         self.previous_handlers: dict = {}
@@ -111,14 +138,19 @@ class Cluster:
         from scratchpad.learner.learner import Learner
         from scratchpad.rewards.scoring import RewardWorker
 
-        cfg, env = self.cfg, {"env_vars": actor_env(self.cfg)}
+        cfg = self.cfg
+        env = {"env_vars": actor_env(cfg)}
+        rollout_env, learner_env = {"env_vars": actor_env(cfg, "rollout")}, {"env_vars": actor_env(cfg, "learner")}
         self.placement, index = reserve(cfg)  # fails fast, with what is missing, if the cluster cannot hold the run
         rollout_cls = ray.remote(RolloutWorker)
         self.rollouts = [
-            rollout_cls.options(num_cpus=cfg.rollout.cpus_per_engine, num_gpus=cfg.rollout.gpus_per_engine, runtime_env=env,
+            rollout_cls.options(num_cpus=cfg.rollout.cpus_per_engine, num_gpus=cfg.rollout.gpus_per_engine, runtime_env=rollout_env,
                                 **strategy(self.placement, index, "rollout engine", i)).remote(cfg, self.model_path, i)
             for i in range(cfg.rollout.num_engines)
         ]
+        # The held-out evaluation's own engine: reserves nothing, so it runs beside the others (on the eval cores).
+        self.evaluator = rollout_cls.options(num_cpus=0, num_gpus=0, runtime_env={"env_vars": actor_env(cfg, "eval")}).remote(
+            cfg, self.model_path, cfg.rollout.num_engines) if cfg.run.eval_actor else None
         self.reward_models = self._start_reward_models(env, index)
         self.rewarders = [
             ray.remote(RewardWorker).options(num_cpus=cfg.reward.cpus_per_actor, runtime_env=env, max_pending_calls=cfg.reward.max_pending,
@@ -126,16 +158,29 @@ class Cluster:
                 cfg.reward, self.address, cfg.rollout.max_new_tokens, self.reward_models, self.model_path)
             for i in range(cfg.reward.num_actors)
         ]
-        port = free_port()  # rank 0's rendezvous port for torch.distributed (gloo on CPU)
+        self.eval_rewarder = ray.remote(RewardWorker).options(num_cpus=0, runtime_env=env).remote(
+            cfg.reward, self.address, cfg.rollout.max_new_tokens, self.reward_models, self.model_path)  # scores held-out evaluations only
+        # torch.distributed's rendezvous (gloo on CPU, NCCL on GPU) listens on rank 0's node: ask that bundle for its
+        # address and a free port there, so the ranks may span nodes.
+        addr, port = ray.get(ray.remote(_rendezvous).options(num_cpus=0, **strategy(self.placement, index, "learner", 0)).remote(),
+                             timeout=cfg.run.placement_timeout_s)
         self.learners = [
-            ray.remote(Learner).options(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus, runtime_env=env,
+            ray.remote(Learner).options(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus, runtime_env=learner_env,
                                         **strategy(self.placement, index, "learner", rank)).remote(
-                cfg, self.model_path, self.address, rank, cfg.learner.ranks, port, self.resume_from)
+                cfg, self.model_path, self.address, rank, cfg.learner.ranks, port, self.resume_from, addr)
             for rank in range(cfg.learner.ranks)
         ]
         self.learner = self.learners[0]  # publishes weights and writes the final model
-        self.actors = [*self.rollouts, *self.reward_models.values(), *self.rewarders, *self.learners]
-        ray.get([a.__ray_ready__.remote() for a in self.actors])
+        self.actors = [*self.rollouts, *([self.evaluator] if self.evaluator else []), *self.reward_models.values(), *self.rewarders,
+                       self.eval_rewarder, *self.learners]
+        ray.get([a.__ray_ready__.remote() for a in self.actors], timeout=cfg.run.stall_timeout_s)
+        if cfg.run.cores:
+            by_role = {"rollout": self.rollouts, "learner": self.learners, "reward": self.rewarders,
+                       "eval": [a for a in (self.evaluator, self.eval_rewarder) if a is not None]}
+            for role, actors in by_role.items():
+                cores = cfg.run.cores.get(role) or (cfg.run.cores.get("rollout") if role == "eval" else None)
+                if cores:
+                    pin(actors, cores)
 
     def _start_reward_models(self, env: dict, index: dict) -> dict:
         """One Ray actor per model component (likelihood LM, reward model, judge engine), shared by every reward actor."""

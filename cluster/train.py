@@ -1,9 +1,10 @@
 """`scratchpad train`: the main loop, as a recipe of named, timed phases.
 
-Each step: produce (rollout actors sample groups -> reward actors score and XADD
-them) until the learner's batch is full -> train (one DeepSpeed step, ack) ->
-sync (rollout actors load the new weights in place). Evaluation is greedy on a
-held-out set, before, every `eval_every` steps, and after.
+Each step: fill (rollout actors sample, reward actors score and XADD, the learner reads until its batch is full) ->
+train (one DeepSpeed step; production goes on meanwhile within the staleness bound) -> sync (publish the weights;
+rollout actors load them between generate calls; the synchronous mode waits for them) -> checkpoint -> records.
+One loop serves both modes: `learner.max_staleness: 0` is the synchronous loop (cluster/pipeline.py says why).
+Evaluation is greedy on a held-out set, on its own actor, before, every `eval_every` steps, and after.
 """
 from __future__ import annotations
 
@@ -16,12 +17,13 @@ from pathlib import Path
 import ray
 
 from scratchpad.actors.tasks import eval_set, train_stream
-from scratchpad.common.config import ExperimentConfig, dump_config
+from scratchpad.cluster.held_out import Evaluations
 from scratchpad.cluster.make_model import resolve_model
+from scratchpad.cluster.pipeline import Production, merge_stats
 from scratchpad.cluster.progress import StepReporter, check_wandb
 from scratchpad.cluster.report import write_outputs, write_report
 from scratchpad.cluster.run import Cluster, run_identity
-from scratchpad.rewards.scoring import is_correct
+from scratchpad.common.config import ExperimentConfig, dump_config
 
 
 class Timer:
@@ -37,108 +39,67 @@ class Timer:
             self.seconds[name] += time.time() - started
 
 
-def _split(items: list, parts: int) -> list[list]:
-    return [items[i::parts] for i in range(parts)]
-
-
-def dispatch_to_pool(cluster: Cluster, refs: list, method: str, *args) -> list:
-    """Call `method` of the least-busy reward actor on each generated chunk, as soon as that chunk exists (the call
-    takes the chunk's ObjectRef, which Ray resolves when generation finishes); returns the calls. At most
-    reward.max_pending calls wait per actor: when every queue is full, dispatch waits for one to drain (backpressure)."""
-    limit, pending, order = cluster.cfg.reward.max_pending, {i: [] for i in range(len(cluster.rewarders))}, []
-    for ref in refs:
-        while min(len(p) for p in pending.values()) >= limit:
-            done, _ = ray.wait([r for p in pending.values() for r in p], num_returns=1, fetch_local=False)
-            for p in pending.values():
-                p[:] = [r for r in p if r not in done]
-        actor = min(pending, key=lambda i: len(pending[i]))
-        call = getattr(cluster.rewarders[actor], method).remote(ref, *args)
-        pending[actor].append(call)
-        order.append(call)
-    return order
-
-
-def score_in_pool(cluster: Cluster, refs: list, method: str, *args) -> list:
-    return ray.get(dispatch_to_pool(cluster, refs, method, *args))
-
-
-def generate_chunks(cluster: Cluster, prompts: list) -> list:
-    """Each engine's share of `prompts` in rollout.chunks_per_engine generate calls, queued on the engine in order:
-    the first chunk's groups can be scored while the engine samples the next."""
-    chunks = cluster.cfg.rollout.chunks_per_engine
-    calls = []
-    for engine, share in zip(cluster.rollouts, _split(prompts, len(cluster.rollouts))):
-        size = -(-len(share) // chunks) if share else 0
-        calls += [engine.generate.remote(share[i : i + size]) for i in range(0, len(share), size or 1)]
-    return calls
-
-
-def produce(cluster: Cluster, prompts: list, timer: Timer, samples: int) -> dict:
-    """Sample groups for `prompts` on every engine; reward actors score each chunk as it is generated and push it to
-    Redis. `generate` times until the last chunk is sampled (scoring overlaps it), `reward` what scoring adds after."""
-    with timer.phase("generate"):
-        gen = generate_chunks(cluster, prompts)
-        calls = dispatch_to_pool(cluster, gen, "score_and_push", samples)
-        ray.wait(gen, num_returns=len(gen), fetch_local=False)
-    with timer.phase("reward"):
-        stats = ray.get(calls)
-    weights = [s["traces"] for s in stats]
-    merged = {k: sum(s[k] * w for s, w in zip(stats, weights)) / max(1, sum(weights)) for k in stats[0] if isinstance(stats[0][k], float)}
-    merged |= {k: sum(s[k] for s in stats) for k in stats[0] if k.startswith("count_")}  # per-status counts add up
-    merged["generated_tokens"] = sum(s["generated_tokens"] for s in stats)
-    merged["samples"] = [t for s in stats for t in s["samples"]][:samples]  # each chunk offers `samples`
-    return merged
-
-
-def evaluate(cluster: Cluster, prompts: list) -> dict:
-    """Greedy accuracy on held-out prompts, overall and by task length."""
-    gen = [r.generate.remote(chunk, True) for r, chunk in zip(cluster.rollouts, _split(prompts, len(cluster.rollouts))) if chunk]
-    groups = [g for part in score_in_pool(cluster, gen, "score") for g in part]
-    by_len: dict[str, list[float]] = defaultdict(list)
-    correct = []
-    key = cluster.cfg.reward.accuracy_component()
-    for g in groups:
-        t = g.traces[0]
-        correct.append(is_correct(t, key))
-        by_len[str(t.meta.get("length", "all"))].append(correct[-1])
-    return {
-        "prompts": len(groups),
-        "accuracy": sum(correct) / len(correct),
-        "by_length": {k: sum(v) / len(v) for k, v in sorted(by_len.items(), key=lambda kv: (len(kv[0]), kv[0]))},
-        "truncated": sum(g.traces[0].finish_reason == "length" for g in groups) / len(groups),
-        "thought_rate": sum(g.traces[0].thought is not None for g in groups) / len(groups),
-    }
-
-
 def on_learners(cluster: Cluster, method: str, *args) -> list:
     """Call `method` on every learner rank at once (collective operations need all of them) and wait."""
-    return ray.get([getattr(rank, method).remote(*args) for rank in cluster.learners])
+    return ray.get([getattr(rank, method).remote(*args) for rank in cluster.learners], timeout=cluster.cfg.run.stall_timeout_s)
 
 
-def train_learners(cluster: Cluster) -> dict:
-    """One step on every rank. Each rank's loss is its share of the global loss, so losses and counts add up;
-    other statistics are rank 0's."""
-    parts = on_learners(cluster, "train")
+def merge_learned(parts: list[dict]) -> dict:
+    """Each rank's loss is its share of the global loss, so losses and counts add up; other statistics are rank 0's."""
     merged = dict(parts[0])
     for key in ("loss", "value_loss", "tokens", "trained_sequences", "groups_trained", "groups_dropped"):
-        if key not in merged:
-            continue
-        merged[key] = sum(p[key] for p in parts)
+        if key in merged:
+            merged[key] = sum(p[key] for p in parts)
     for key in {k for p in parts for k in p if k.startswith("dropped_")}:
         merged[key] = sum(p.get(key, 0) for p in parts)
     merged["reward_mean"] = sum(p["reward_mean"] for p in parts) / len(parts)
     merged["policy_lag_mean"] = sum(p["policy_lag_mean"] for p in parts) / len(parts)
+    merged["policy_lag_max"] = max(p["policy_lag_max"] for p in parts)
+    merged["policy_lag_hist"] = [sum(h) for h in zip(*(p["policy_lag_hist"] for p in parts))]
     merged["group_ids"] = [g for p in parts for g in p["group_ids"]]
     return merged
 
 
-def sync_weights(cluster: Cluster) -> int:
-    """One ray.put of the learner's weights (rank 0's return value), read by every rollout actor. Every rank is
-    called: under ZeRO-3 gathering the weights is a collective."""
+def fill(cluster: Cluster, production: Production) -> None:
+    """Keep production going until every learner rank's share of the batch is full. A stop request ends the wait."""
+    need = sum(on_learners(cluster, "fill_batch", 0))
+    while need > 0:
+        production.top_up()
+        if production.idle():
+            production.refill(need)
+            production.top_up()
+        production.poll(timeout=1.0)
+        if cluster.stop_requested.is_set():
+            raise KeyboardInterrupt("stop requested")
+        production.check_stalled("generate" if production.generating else "reward")
+        need = sum(on_learners(cluster, "fill_batch", 0))
+
+
+def train_step(cluster: Cluster, production: Production) -> dict:
+    """One step on every rank; rollout actors keep sampling within the staleness bound while it runs."""
+    calls = [rank.train.remote() for rank in cluster.learners]
+    started = time.time()
+    while len(production.poll(timeout=1.0, extra=calls[:1])) == 0:
+        production.top_up()
+        if time.time() - started > cluster.cfg.run.stall_timeout_s:
+            raise TimeoutError(f"train: learner made no progress for {cluster.cfg.run.stall_timeout_s:g} s")
+    return merge_learned(ray.get(calls, timeout=cluster.cfg.run.stall_timeout_s))
+
+
+def publish(cluster: Cluster) -> tuple:
+    """One object-store put of the learner's weights (rank 0's return value), for every reader. Every rank is called:
+    under ZeRO-3 gathering them is a collective."""
     published, *others = [rank.weights.remote() for rank in cluster.learners]
-    versions = ray.get([r.update_weights.remote(published) for r in cluster.rollouts])
-    ray.get(others)
-    return min(versions)
+    ray.get(others, timeout=cluster.cfg.run.stall_timeout_s)
+    return published
+
+
+def sync_weights(cluster: Cluster, published, wait: bool) -> list:
+    """Queue the new weights on every rollout actor (behind its current generate call); wait for them when `wait`."""
+    loads = [r.update_weights.remote(published) for r in cluster.rollouts]
+    if wait:
+        ray.get(loads, timeout=cluster.cfg.run.stall_timeout_s)
+    return loads
 
 
 class RunLog:
@@ -188,35 +149,18 @@ def train(cfg: ExperimentConfig, run_dir: Path, log=print, resume: bool = False,
     try:
         with Cluster(cfg, run_dir, model_path, resume_from=str(point[0]) if point else None) as cluster:
             report = StepReporter(cfg, run_dir, run_identity(run_dir, cfg.name)["run_id"], started, first, log, live)
+            evals = Evaluations(cluster, held_out, runlog, report, started)
             for _ in range(cluster.buffer.counters()["produced"] if point else 0):
                 next(stream)  # prompts already sampled into the buffer are not sampled again
             if point:
-                sync_weights(cluster)  # the engines start from the checkpoint's weights and version
+                sync_weights(cluster, publish(cluster), wait=True)  # the engines start from the checkpoint's weights and version
                 report.log(f"resumed at step {point[1]} from {point[0]}")
             else:
-                before = evaluate(cluster, held_out)
-                runlog.write("evals", {"step": 0, "wall": time.time() - started, **before})
-                report.evaluation(0, before)
-                report.log(f"cluster up in {time.time() - started:.1f}s; held-out accuracy at step 0: {before['accuracy']:.3f}")
-            done = first - 1
-            try:
-                for step in range(first, cfg.run.steps + 1):
-                    run_step(cfg, cluster, run_dir, runlog, report, stream, held_out, step, started)
-                    done = step
-                    if cluster.stop_requested.is_set():
-                        raise KeyboardInterrupt("stop requested")
-            except KeyboardInterrupt:
-                # Keep what was learned, then unwind and stop everything. Only a learner whose version matches the
-                # last recorded step is checkpointed, so the records and the checkpoint always agree on a resume.
-                if ray.get(cluster.learner.policy_version.remote()) == done:
-                    report.log(f"stopping: checkpoint at step {done}")
-                    on_learners(cluster, "save_checkpoint", str(run_dir / "checkpoints"), cfg.run.keep_checkpoints)
-                stopped_report(run_dir, cfg, runlog, done, report.log)
-                raise
-            after = evaluate(cluster, held_out)
-            runlog.write("evals", {"step": cfg.run.steps, "wall": time.time() - started, **after})
-            report.evaluation(cfg.run.steps, after)
-            report.log(f"step {cfg.run.steps} held-out accuracy {after['accuracy']:.3f}")
+                evals.start(0)
+                report.log(f"cluster up in {time.time() - started:.1f}s")
+            run_steps(cfg, cluster, run_dir, runlog, report, stream, evals, first)
+            evals.start(cfg.run.steps, publish(cluster))
+            evals.wait_all()
             on_learners(cluster, "save_pretrained", str(run_dir / "final"))  # collective under ZeRO-3
             counters = cluster.buffer.counters()
     finally:
@@ -224,6 +168,27 @@ def train(cfg: ExperimentConfig, run_dir: Path, log=print, resume: bool = False,
         if report is not None:
             report.close()
     return write_outputs(run_dir, cfg, runlog.read("metrics"), runlog.read("evals"), counters, time.time() - started)
+
+
+def run_steps(cfg: ExperimentConfig, cluster: Cluster, run_dir: Path, runlog: RunLog, report: StepReporter, stream,
+              evals: Evaluations, first: int) -> None:
+    """Steps first..run.steps. On a stop request (or Ctrl-C) keep what was learned, then unwind: only a learner whose
+    version matches the last recorded step is checkpointed, so the records and the checkpoint agree on a resume."""
+    production = Production(cluster, stream)
+    done = first - 1
+    try:
+        for step in range(first, cfg.run.steps + 1):
+            run_step(cfg, cluster, run_dir, runlog, report, production, evals, step)
+            done = step
+            if cluster.stop_requested.is_set():
+                raise KeyboardInterrupt("stop requested")
+    except KeyboardInterrupt:
+        production.drain(timeout=60.0)  # what is being generated is scored and pushed: the resumed run trains it
+        if ray.get(cluster.learner.policy_version.remote(), timeout=cfg.run.stall_timeout_s) == done:
+            report.log(f"stopping: checkpoint at step {done}")
+            on_learners(cluster, "save_checkpoint", str(run_dir / "checkpoints"), cfg.run.keep_checkpoints)
+        stopped_report(run_dir, cfg, runlog, done, report.log)
+        raise
 
 
 def stopped_report(run_dir: Path, cfg: ExperimentConfig, runlog: RunLog, done: int, log) -> None:
@@ -235,55 +200,38 @@ def stopped_report(run_dir: Path, cfg: ExperimentConfig, runlog: RunLog, done: i
         log(f"report.html not written: {type(exc).__name__}: {exc}")
 
 
-def run_step(cfg: ExperimentConfig, cluster: Cluster, run_dir: Path, runlog: RunLog, report: StepReporter, stream,
-             held_out: list, step: int, started: float) -> None:
-    """One step: produce until the learner's batch is full -> train -> sync -> checkpoint -> records."""
+def run_step(cfg: ExperimentConfig, cluster: Cluster, run_dir: Path, runlog: RunLog, report: StepReporter,
+             production: Production, evals: Evaluations, step: int) -> None:
+    """One step: fill -> train -> sync -> checkpoint -> records (and an evaluation started, never waited for)."""
     timer, step_started = Timer(), time.time()
-    produced = []
     with timer.phase("fill"):  # a resumed learner first re-trains what its checkpoint lacks
-        need = sum(on_learners(cluster, "fill_batch", 1))
-    while need > 0:
-        produced.append(produce(cluster, [next(stream) for _ in range(need)], timer, cfg.run.sample_traces))
-        with timer.phase("fill"):  # produce() returns after its XADDs: read what is there, never wait on an empty stream
-            need = sum(on_learners(cluster, "fill_batch", 0))
+        fill(cluster, production)
     with timer.phase("train"):
-        learned = train_learners(cluster)
+        learned = train_step(cluster, production)
     with timer.phase("sync"):
-        sync_weights(cluster)
+        published = publish(cluster)
+        sync_weights(cluster, published, wait=cfg.learner.max_staleness == 0)
     if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0:
         with timer.phase("checkpoint"):
             on_learners(cluster, "save_checkpoint", str(run_dir / "checkpoints"), cfg.run.keep_checkpoints)
+    produced = merge_stats(production.settle(learned["groups_trained"], learned["groups_dropped"]), cfg.run.sample_traces)
     runlog.write("trained", {"step": step, "policy_version": learned["policy_version"], "groups": learned.pop("group_ids")})
-    record = step_record(step, started, step_started, timer, produced, learned)
-    for t in (produced[0]["samples"] if produced else []):
+    for t in produced.pop("samples", []):
         runlog.write("traces", {"step": step, **t})
+    elapsed = time.time() - step_started
+    record = {"step": step, "wall": time.time() - evals.started, "step_seconds": elapsed, **produced,
+              "tokens_per_s": produced.get("generated_tokens", 0) / max(elapsed, 1e-9),
+              **{f"time_{k}": v for k, v in timer.seconds.items()}, **learned}
     if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < cfg.run.steps:
-        result = evaluate(cluster, held_out)
-        runlog.write("evals", {"step": step, "wall": time.time() - started, **result})
-        report.evaluation(step, result)
-        record["eval_accuracy"] = result["accuracy"]
+        evals.start(step, published)
+    evals.collect()
+    record |= evals.take_latest()  # an evaluation that finished during this step: eval_step says which weights it scored
     runlog.write("metrics", record)
     cluster.metrics.record(record, cluster.buffer.counters())
     report.step(record, format_step(record, cfg.run.steps))
 
 
-def step_record(step: int, started: float, step_started: float, timer: Timer, produced: list[dict], learned: dict) -> dict:
-    first = produced[0] if produced else {}
-    gen_seconds = timer.seconds["generate"]
-    return {
-        "step": step,
-        "wall": time.time() - started,
-        "step_seconds": time.time() - step_started,
-        **{k: v for k, v in first.items() if isinstance(v, float)},
-        **{k: sum(p[k] for p in produced) for k in first if k.startswith("count_")},  # every status of the step, counted
-        "tokens_per_s": sum(p["generated_tokens"] for p in produced) / max(gen_seconds, 1e-9),
-        **{f"time_{k}": v for k, v in timer.seconds.items()},
-        **learned,
-    }
-
-
 def format_step(r: dict, steps: int) -> str:
     return (f"step {r['step']}/{steps} reward {r.get('reward', float('nan')):.3f} acc {r.get('accuracy', float('nan')):.3f} loss {r['loss']:+.4f} "
-            f"tok/s {r['tokens_per_s']:.0f} step {r['step_seconds']:.2f}s"
-            + (f" held-out {r['eval_accuracy']:.3f}" if "eval_accuracy" in r else ""))
-
+            f"tok/s {r['tokens_per_s']:.0f} lag {r['policy_lag_mean']:.2f} step {r['step_seconds']:.2f}s"
+            + (f" held-out {r['eval_accuracy']:.3f} (step {r['eval_step']})" if "eval_accuracy" in r else ""))

@@ -57,6 +57,10 @@ class TaskConfig(_Section):
     train_path: str | None = Field(None, description="JSONL file with one {prompt, answer} object per line (task jsonl only).")
     eval_path: str | None = Field(None, description="JSONL file of held-out {prompt, answer} lines (task jsonl only).")
     eval_size: int = Field(200, ge=1, le=100000, description="Held-out prompts scored greedily before, during and after training.")
+    max_bad_rows: float = Field(0.01, ge=0, le=1, description=(
+        "Share of a JSONL file's non-blank lines that may be bad (not UTF-8, not JSON, prompt not a non-empty string, answer "
+        "not a string or number): they are skipped and counted; more fails the run at start with one line naming the file, "
+        "the count and the first bad line."))
     seed: int = Field(1, ge=0, description="Seed of the training prompt stream; the held-out set uses seed + 1000003.")
 
 
@@ -206,6 +210,9 @@ class RewardConfig(_Section):
     require_stop: bool = Field(True, description="Count an answer as correct only if the completion ends right after it (no text after </answer>).")
     timeout_s: float = Field(5.0, gt=0, le=3600, description="Seconds one answer check may take before its worker process is killed and the trace marked timeout.")
     checker_workers: int = Field(2, ge=1, le=256, description="Worker processes per reward actor that run answer checks (killed and replaced on timeout).")
+    checker_cpu_s: int = Field(10, ge=1, le=3600, description="CPU seconds one answer check may use (RLIMIT_CPU in its worker); past it the worker is killed and the trace marked timeout.")
+    checker_memory_mib: int = Field(1024, ge=256, le=1_048_576, description="Address space of each checker worker, MiB (RLIMIT_AS); a check that allocates past it fails with status error.")
+    checker_file_mib: int = Field(16, ge=1, le=65536, description="Largest file a checker worker may write, MiB (RLIMIT_FSIZE; it works in an empty temporary directory); a bigger write fails with status error.")
     num_actors: int = Field(1, ge=1, le=1024, description="Reward actors scoring in parallel.")
     cpus_per_actor: float = Field(0.0, ge=0, le=256, description="Ray CPUs reserved per reward actor; 0 shares the others' cores (checking answers is cheap).")
     max_pending: int = Field(2, ge=1, le=1024, description="Scoring calls queued per reward actor; more waits (backpressure) instead of piling up.")
@@ -283,7 +290,17 @@ class LearnerConfig(_Section):
     zero3_persistence_threshold: int = Field(100_000, ge=0, le=10**12, description=(
         "ZeRO-3 keeps parameters with fewer elements than this whole on every rank (DeepSpeed's "
         "stage3_param_persistence_threshold); 0 partitions every parameter."))
-    max_staleness: int = Field(0, ge=0, le=1000, description="Oldest policy version lag a trained group may have; 0 is strictly on-policy.")
+    max_staleness: int = Field(0, ge=0, le=1000, description=(
+        "Oldest policy-version lag a trained group may have; older ones are dropped as stale. 0 is strictly on-policy "
+        "(the synchronous loop); k > 0 lets rollout actors sample with weights up to k versions old while the learner trains."))
+    tis_cap: float | None = Field(None, gt=0, le=1000, description=(
+        "Truncated importance sampling: take the clipped ratio against the learner's own log p at the start of the step "
+        "and weight each token by min(pi_learner / pi_sampler, tis_cap); null takes the ratio against the sampler's log p."))
+    logprob_chunk_tokens: int = Field(1024, ge=1, le=1_000_000, description=(
+        "Completion tokens whose vocabulary logits exist at once when the learner computes log p (a selective "
+        "log-softmax over chunks, recomputed in the backward): memory (tokens x vocabulary) against speed."))
+    gradient_checkpointing: bool = Field(False, description="Recompute each transformer block's activations in the backward instead of keeping them: less memory, about a third more compute.")
+    publish_bucket_mb: int = Field(256, ge=1, le=65536, description="Size of the flat buffers weights travel to the rollout engines in, MiB.")
     num_cpus: float = Field(1.0, gt=0, le=256, description="Ray CPUs reserved for the learner.")
     num_gpus: float = Field(0.0, ge=0, le=8, description="Ray GPUs reserved for the learner (0 on a CPU machine).")
     seed: int = Field(0, ge=0, description="Seed of the learner's torch RNG.")
@@ -303,7 +320,19 @@ class RunConfig(_Section):
     placement_timeout_s: float = Field(60.0, gt=0, le=86400, description="How long to wait for the cluster to free the reserved resources before failing with what is missing.")
     wandb: bool = Field(False, description="Also log step metrics to Weights & Biases (needs the wandb package; never required).")
     wandb_project: str = Field("scratchpad", min_length=1, max_length=200, description="Weights & Biases project the run logs to when run.wandb is true.")
-    threads_per_actor: int = Field(1, ge=1, le=256, description="torch threads in each actor; 1 keeps 2-core machines from oversubscribing.")
+    threads_per_actor: int = Field(1, ge=1, le=256, description="torch threads in each actor; 1 keeps 2-core machines from oversubscribing. A role with run.cores uses one thread per core it is given instead.")
+    cores: dict[Literal["rollout", "learner", "reward", "eval"], list[Annotated[int, Field(ge=0, le=4095)]]] | None = Field(None, description=(
+        "Disaggregated placement on one machine: the CPU cores each role's processes are pinned to (affinity and thread "
+        "count), e.g. {rollout: [0], learner: [1]}, the way a cluster gives roles different nodes; rollout and learner "
+        "cores must be disjoint. Roles left out (and eval, by default the rollout cores) share. null pins nothing."))
+    eval_actor: bool = Field(True, description="Held-out evaluation on its own actor (an extra rollout worker) so training never waits for it; false evaluates on rollout actor 0 and waits.")
+    stall_timeout_s: float = Field(600.0, gt=0, le=86400, description="A stage (generate, reward, train, sync, evaluation) that makes no progress this long stops the run with one line naming it and its actor.")
+    max_refill_batches: int = Field(50, ge=1, le=100000, description="Extra prompts one batch may sample to replace dropped groups, in batches; past it the run stops with one line (every group being dropped).")
+
+    def threads_for(self, role: str) -> int:
+        """torch threads for a role's actors: one per pinned core, else threads_per_actor."""
+        cores = (self.cores or {}).get(role) or ((self.cores or {}).get("rollout") if role == "eval" else None)
+        return len(cores) if cores else self.threads_per_actor
 
 
 class RewardModelTrainConfig(_Section):

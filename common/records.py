@@ -33,6 +33,25 @@ def unpack_logprobs(packed: bytes) -> np.ndarray:
     return np.frombuffer(packed, dtype=LOGPROB_DTYPE)
 
 
+class WeightBucket(msgspec.Struct):
+    """Published weights travel as a few flat buffers: one object-store put that every rollout actor reads without a
+    copy (numpy buffers are zero-copy in Ray's object store), instead of one object per parameter."""
+
+    names: list[str]  # HF parameter names, in buffer order
+    shapes: list[list[int]]  # each parameter's shape
+    dtype: str  # torch dtype name of every parameter in the bucket ("float32", "bfloat16", ...)
+    flat: np.ndarray  # (sum of numels,) the parameters back to back; bfloat16 travels as its uint16 bit pattern
+
+
+def unpack_bucket(bucket: WeightBucket):
+    """(name, numpy view) for each parameter of a bucket, no copy."""
+    offset = 0
+    for name, shape in zip(bucket.names, bucket.shapes):
+        count = int(np.prod(shape)) if shape else 1
+        yield name, bucket.flat[offset : offset + count].reshape(shape)
+        offset += count
+
+
 class Prompt(msgspec.Struct, frozen=True):
     """One task instance, before sampling."""
 

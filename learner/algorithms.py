@@ -119,15 +119,25 @@ def policy_loss(
     kl_estimator: str = "k3",
     entropy: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
+    behaviour_logp: torch.Tensor | None = None,
+    tis_cap: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped policy gradient plus kl_coef x KL to the reference minus entropy_coef x entropy, aggregated
     as `aggregation`. Advantages are per sequence (B,) or per token (B, T).
 
     old_logp are the sampler's logprobs, so the ratio also corrects for the engine/trainer
-    mismatch and for staleness when max_staleness > 0.
+    mismatch and for staleness when max_staleness > 0. With `tis_cap`, old_logp is the learner's own (proximal)
+    log p and each token's loss is weighted by min(exp(old_logp - behaviour_logp), tis_cap): truncated importance
+    sampling from the sampler's policy (behaviour_logp) to the proximal one.
     """
     per_token, was_clipped = clipped_pg_per_token(logp, old_logp, advantages, clip_low, clip_high, dual_clip)
     stats = {}
+    if tis_cap is not None and behaviour_logp is not None:
+        raw = torch.exp(old_logp.detach() - behaviour_logp)
+        weight = raw.clamp(max=tis_cap)
+        per_token = per_token * weight
+        stats["tis_weight"] = masked_mean(weight, mask)
+        stats["tis_truncated"] = masked_mean((raw > tis_cap).float(), mask)
     if ref_logp is not None and kl_coef:
         kl = kl_estimate(logp, ref_logp, kl_estimator)
         per_token = per_token + kl_coef * kl

@@ -55,7 +55,9 @@ def _step(ray, learners):
 
 
 def _weights(ray, learner):
-    return dict(ray.get(learner.weights.remote(True))[1])
+    from scratchpad.actors.engines import bucket_tensors
+
+    return dict(bucket_tensors(ray.get(learner.weights.remote(True))[1]))
 
 
 @pytest.mark.parametrize("algorithm", ["reinforce_pp", "dpo"])

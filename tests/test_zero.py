@@ -5,6 +5,7 @@ Each stage also saves a checkpoint after its first step and a fresh learner resu
 import numpy as np
 import pytest
 
+from scratchpad.actors.engines import bucket_tensors
 from conftest import small_config
 from test_learner_equivalence import synthetic_groups
 
@@ -33,7 +34,7 @@ def _rank_actor(ray, cfg):
         def step(self):
             assert self.learner.fill_batch(500) == 0
             metrics = self.learner.train()
-            return metrics, dict(self.learner.weights(every_rank=True)[1])
+            return metrics, {k: v.clone() for k, v in bucket_tensors(self.learner.weights(every_rank=True)[1])}
 
         def call(self, method, *args):
             return getattr(self.learner, method)(*args)
@@ -84,7 +85,7 @@ def test_zero_stages_make_the_same_update(ray_cluster, tiny_model, cache_dir, tm
             held = ray.get([rank.start.remote(cfg, address) for rank in ranks])
             assert (held == [0, 0]) == (stage == 3), f"stage {stage}: each rank holds {held} policy parameter elements"
             if stage == 0:
-                start = dict(ray.get(ranks[0].call.remote("weights"))[1])
+                start = {k: v.clone() for k, v in bucket_tensors(ray.get(ranks[0].call.remote("weights"))[1])}
             one = step()
             checkpoint = ray.get([rank.call.remote("save_checkpoint", str(tmp_path / f"ckpt{stage}"), 1) for rank in ranks])[0]
             RedisBuffer(address).put(second)

@@ -1,0 +1,138 @@
+"""Production in flight: prompts go to rollout actors, each generated chunk straight to a reward actor that scores it
+and pushes its groups to Redis. The one loop of cluster/train.py drives it in both modes.
+
+The bound is `learner.max_staleness` k: at most prompts_per_step x (k + 1) groups may be issued and not yet trained
+or dropped. With k = 0 that is one batch, issued after the weights of the last step were sent, so every group is
+sampled by the weights it is trained against (the synchronous loop). With k > 0 the rollout actors sample the next
+batches with the weights they hold while the learner trains; new weights are queued on each rollout actor behind its
+current generate call (Ray runs an actor's calls in order), so they load between generate calls, in place.
+Every wait has a timeout: a stage that makes no progress for `run.stall_timeout_s` is named, with its actor.
+"""
+from __future__ import annotations
+
+import time
+
+import ray
+
+from scratchpad.common.config import ConfigError
+
+
+class StallError(ConfigError):
+    """A stage made no progress within run.stall_timeout_s: one line naming it; the run stops with a checkpoint."""
+
+
+class ScorerFailure(ConfigError):
+    """Every trace of a chunk failed to score: training on those zeros would teach nothing (one line)."""
+
+
+class Production:
+    """Generate -> score -> push calls in flight, per rollout actor, one generate call at a time per actor."""
+
+    def __init__(self, cluster, stream):
+        self.cluster, self.cfg, self.stream = cluster, cluster.cfg, stream
+        r = self.cfg.rollout
+        self.chunk = max(1, -(-r.prompts_per_step // (r.num_engines * r.chunks_per_engine)))
+        self.generating: dict = {}  # generate ref -> engine index
+        self.scoring: dict = {}  # score ref -> (engine index, prompt count, issued at)
+        self.outstanding = 0  # groups issued and not yet trained or dropped
+        self.backlog: list = []  # prompts owed to the learner (a refill), served before fresh ones
+        self.stats: list[dict] = []  # what each finished scoring call returned, since the last step
+        self.last_progress = time.time()
+        self.pending_rewarders: dict[int, list] = {i: [] for i in range(len(cluster.rewarders))}
+        self.refilled = 0  # prompts issued to refill batches since the last step (bounded)
+
+    def budget(self) -> int:
+        return self.cfg.rollout.prompts_per_step * (self.cfg.learner.max_staleness + 1)
+
+    def top_up(self, allow_fresh: bool = True) -> None:
+        """Give every idle rollout actor its next chunk while the staleness budget (or a refill) allows."""
+        busy = set(self.generating.values())
+        for engine in range(len(self.cluster.rollouts)):
+            if engine in busy:
+                continue
+            room = self.budget() - self.outstanding
+            take = min(self.chunk, len(self.backlog) + (max(0, room) if allow_fresh else 0))
+            if take <= 0:
+                continue
+            if min(len(p) for p in self.pending_rewarders.values()) >= self.cfg.reward.max_pending:
+                return  # every reward actor's queue is full: wait for one to drain (backpressure)
+            prompts = [self.backlog.pop(0) if self.backlog else next(self.stream) for _ in range(take)]
+            self._issue(engine, prompts)
+
+    def idle(self) -> bool:
+        return not self.generating and not self.scoring
+
+    def refill(self, missing: int) -> None:
+        """Nothing is in flight and the learner's batch still lacks `missing` groups (some were dropped): owe it that
+        many fresh prompts, past the staleness budget. Bounded, so a run whose every group is dropped stops."""
+        self.refilled += missing
+        if self.refilled > self.cfg.rollout.prompts_per_step * self.cfg.run.max_refill_batches:
+            raise ScorerFailure(f"refill: {self.refilled} extra prompts sampled for one batch and it is still not full: every "
+                                f"group is being dropped (dropped_* in metrics.jsonl; run.max_refill_batches={self.cfg.run.max_refill_batches})")
+        self.backlog += [next(self.stream) for _ in range(missing)]
+
+    def _issue(self, engine: int, prompts: list) -> None:
+        gen = self.cluster.rollouts[engine].generate.remote(prompts)
+        self.generating[gen] = engine
+        rewarder = min(range(len(self.cluster.rewarders)), key=lambda i: len(self.pending_rewarders[i]))
+        call = self.cluster.rewarders[rewarder].score_and_push.remote(gen, self.cfg.run.sample_traces)
+        self.pending_rewarders[rewarder].append(call)
+        self.scoring[call] = (engine, len(prompts), time.time())
+        self.outstanding += len(prompts)
+
+    def poll(self, timeout: float, extra: list = ()) -> list:
+        """Wait up to `timeout` for any production call or one of `extra`; collect finished scoring calls. Returns the
+        `extra` refs that are done."""
+        refs = [*self.generating, *self.scoring, *extra]
+        if not refs:
+            return []
+        done, _ = ray.wait(refs, num_returns=1, timeout=timeout, fetch_local=False)
+        done_set = set(done)
+        for ref in [r for r in self.generating if r in done_set]:
+            self.generating.pop(ref)
+            self.last_progress = time.time()
+        for ref in [r for r in self.scoring if r in done_set]:
+            self.scoring.pop(ref)
+            for pending in self.pending_rewarders.values():
+                if ref in pending:
+                    pending.remove(ref)
+            stat = ray.get(ref, timeout=self.cfg.run.stall_timeout_s)
+            if stat["traces"] and stat.get("count_error", 0) == stat["traces"]:
+                raise ScorerFailure(f"reward: all {stat['traces']} traces of a chunk failed to score (status error: a dead "
+                                    f"judge or reward model?); nothing is trained on those zeros")
+            self.stats.append(stat)
+            self.last_progress = time.time()
+        return [r for r in extra if r in done_set]
+
+    def check_stalled(self, stage: str) -> None:
+        idle = time.time() - self.last_progress
+        if idle <= self.cfg.run.stall_timeout_s:
+            return
+        engines = sorted({e for e in self.generating.values()} | {e for e, _, _ in self.scoring.values()})
+        who = f"rollout actor {engines[0]}" if self.generating else (f"reward actor scoring rollout actor {engines[0]}'s chunk" if engines else "the learner")
+        raise StallError(f"{stage}: {who} made no progress for {idle:.0f} s (run.stall_timeout_s={self.cfg.run.stall_timeout_s:g})")
+
+    def settle(self, trained: int, dropped: int) -> list[dict]:
+        """A step consumed `trained + dropped` groups: free their budget and hand over the step's scoring stats."""
+        self.outstanding -= trained + dropped
+        self.refilled = 0
+        stats, self.stats = self.stats, []
+        return stats
+
+    def drain(self, timeout: float) -> None:
+        """Wait for every call in flight (a clean stop: what is generated is scored and pushed, never lost)."""
+        deadline = time.time() + timeout
+        while (self.generating or self.scoring) and time.time() < deadline:
+            self.poll(min(5.0, max(0.1, deadline - time.time())))
+
+
+def merge_stats(stats: list[dict], samples: int) -> dict:
+    """One step's reward statistics from its scoring calls: means weighted by traces, counts summed."""
+    if not stats:
+        return {}
+    weights = [s["traces"] for s in stats]
+    merged = {k: sum(s[k] * w for s, w in zip(stats, weights)) / max(1, sum(weights)) for k in stats[0] if isinstance(stats[0][k], float)}
+    merged |= {k: sum(s.get(k, 0) for s in stats) for k in stats[0] if k.startswith("count_")}
+    merged["generated_tokens"] = sum(s["generated_tokens"] for s in stats)
+    merged["samples"] = [t for s in stats for t in s["samples"]][:samples]
+    return merged

@@ -1,0 +1,114 @@
+"""Batch assembly: read scored groups from the buffer, drop what must not be trained (counted, with a reason), and
+turn traces into padded tensors on the learner's device.
+
+Dropped groups are acknowledged with the trained ones, so `produced == trained + dropped + in flight` holds.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from scratchpad.common.buffer import RedisBuffer
+from scratchpad.common.config import ExperimentConfig
+from scratchpad.common.records import Group, unpack_ids, unpack_logprobs
+
+PREFERENCE = ("dpo", "ipo")
+
+
+class BatchAssembler:
+    """This rank's share of the next batch: `fill` reads until it is full, `take` hands it over with its drops."""
+
+    def __init__(self, cfg: ExperimentConfig, buffer: RedisBuffer, consumer: str, groups_per_rank: int):
+        self.cfg, self.buffer, self.consumer, self.groups_per_rank = cfg, buffer, consumer, groups_per_rank
+        self.batch: list[tuple[str, Group]] = []
+        self.dropped: dict[str, int] = {}
+        self.dropped_ids: list[str] = []
+        self.replay: list[tuple[str, Group]] = []  # after a resume: pending entries the checkpoint does not contain
+
+    def fill(self, version: int, block_ms: int = 2000) -> int:
+        """Read groups until the share is full or the stream runs dry; returns how many are missing."""
+        while (want := self.groups_per_rank - len(self.batch)) > 0:
+            entries, self.replay = self.replay[:want], self.replay[want:]
+            entries = entries or self.buffer.read(self.consumer, want, block_ms)
+            if not entries:
+                break
+            for entry_id, group in entries:
+                reason = self.drop_reason(group, version)
+                if reason:
+                    self.dropped[reason] = self.dropped.get(reason, 0) + 1
+                    self.dropped_ids.append(entry_id)
+                else:
+                    self.batch.append((entry_id, group))
+        return max(0, self.groups_per_rank - len(self.batch))
+
+    def drop_reason(self, group: Group, version: int) -> str | None:
+        cfg = self.cfg.learner
+        if version - group.policy_version > cfg.max_staleness:
+            return "stale"
+        if len(group.traces) != self.cfg.rollout.n or any(t.reward is None for t in group.traces):
+            return "invalid"
+        rewards = [t.reward for t in group.traces]
+        if cfg.algorithm == "star" and max(rewards) < cfg.star_threshold:
+            return "filtered"  # nothing verified to imitate
+        if (cfg.filter_groups or cfg.algorithm in PREFERENCE) and max(rewards) == min(rewards):
+            return "filtered"  # all equal: no advantage, no preference
+        return None
+
+    def take(self) -> tuple[list[tuple[str, Group]], list[str], dict[str, int]]:
+        """(entries to train, ids of dropped entries, drop counts by reason); the share starts empty again."""
+        out = (self.batch, self.dropped_ids, self.dropped)
+        self.batch, self.dropped_ids, self.dropped = [], [], {}
+        return out
+
+
+def to_tensors(traces: list, pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-padded tensors of prompt + completion, on `device`. Shapes: input_ids/attention (n, W); targets,
+    old_logp (the sampler's log p) and mask (n, C); starts (n,) where each completion begins; rewards (n,)."""
+    prompts = [unpack_ids(t.prompt_ids).astype(np.int64) for t in traces]
+    completions = [unpack_ids(t.completion_ids).astype(np.int64) for t in traces]
+    n = len(traces)
+    width = max(len(p) + len(c) for p, c in zip(prompts, completions))
+    comp_width = max(len(c) for c in completions)
+    input_ids = np.full((n, width), pad_id, dtype=np.int64)
+    attention = np.zeros((n, width), dtype=np.int64)
+    targets = np.full((n, comp_width), pad_id, dtype=np.int64)
+    old_logp = np.zeros((n, comp_width), dtype=np.float32)
+    mask = np.zeros((n, comp_width), dtype=np.float32)
+    starts = np.zeros(n, dtype=np.int64)
+    for i, (t, prompt, completion) in enumerate(zip(traces, prompts, completions)):
+        p, c = len(prompt), len(completion)
+        input_ids[i, :p], input_ids[i, p : p + c] = prompt, completion
+        attention[i, : p + c] = 1
+        targets[i, :c] = completion
+        old_logp[i, :c] = unpack_logprobs(t.logprobs)
+        mask[i, :c] = 1
+        starts[i] = p
+    arrays = {"input_ids": input_ids, "attention": attention, "targets": targets, "old_logp": old_logp, "mask": mask,
+              "starts": starts, "rewards": np.array([t.reward for t in traces], dtype=np.float32),
+              "lengths": starts + mask.sum(1).astype(np.int64)}
+    return {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
+
+
+def positions(batch: dict[str, torch.Tensor], rows: slice, width: int) -> torch.Tensor:
+    """(b, C) positions whose output predicts each completion token: token k of row i sits at starts[i] + k and is
+    predicted from starts[i] + k - 1; padding positions are clamped into the row."""
+    comp = batch["targets"].shape[1]
+    pos = batch["starts"][rows].unsqueeze(1) - 1 + torch.arange(comp, device=batch["starts"].device).unsqueeze(0)
+    return pos.clamp(max=width - 1)
+
+
+def micro_batches(batch: dict[str, torch.Tensor], rows_range: range, max_rows: int, max_tokens: int, unit: int = 1) -> list[slice]:
+    """Consecutive rows, at most max_rows each and, with max_tokens, at most that many rows x padded width; a unit
+    (a chosen/rejected pair) is never split."""
+    lengths = batch["lengths"].tolist()
+    out, start, width = [], rows_range.start, 0
+    for row in range(rows_range.start, rows_range.stop, unit):
+        unit_width = max(lengths[row : row + unit])
+        width_with, rows_with = max(width, unit_width), row + unit - start
+        if row > start and (rows_with > max_rows or (max_tokens and rows_with * width_with > max_tokens)):
+            out.append(slice(start, row))
+            start, width_with = row, unit_width
+        width = width_with
+    if rows_range.stop > start:
+        out.append(slice(start, rows_range.stop))
+    return out

@@ -1,0 +1,51 @@
+"""Per-token log-probabilities of completions without materialising full-vocabulary copies.
+
+A causal LM's `forward` returns logits for every position: (b, W, V) floats, 1.9 GB for 64 rows x 150 positions x
+49,152 words. Here the decoder runs alone, the hidden states of the completion positions are picked, and the output
+head runs over chunks of `chunk_tokens` real tokens at a time inside activation checkpointing, so only one chunk's
+(chunk, V) logits exist at once, in the forward and again in the backward. Entropy comes from the same chunk's
+logits, under no_grad unless its gradient is wanted (entropy_coef > 0).
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+def _chunk(head, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None, entropy: bool, entropy_grad: bool):
+    logits = head(hidden).float()  # (n, V), upcast: half-precision log-softmax loses the small probabilities
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    lse = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    if not entropy:
+        return logp, torch.zeros_like(logp)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        ent = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    return logp, ent
+
+
+def completion_logprobs(model, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
+                        mask: torch.Tensor, chunk_tokens: int = 1024, entropy: bool = False, entropy_grad: bool = False):
+    """(b, C) log p(targets) predicted from `positions` (b, C) of input_ids (b, W), 0 where mask is 0; and the
+    (b, C) entropy there when `entropy` (else None). `model` is a Hugging Face causal LM (or a module wrapping one)."""
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    hidden = decoder(input_ids=input_ids, attention_mask=attention).last_hidden_state  # (b, W, H)
+    b, c = targets.shape
+    picked = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])).reshape(b * c, -1)  # (b*C, H)
+    real = mask.reshape(-1).nonzero().squeeze(1)  # padding never reaches the head
+    rows, wanted = picked[real], targets.reshape(-1)[real]
+    logp_parts, ent_parts = [], []
+    grad = torch.is_grad_enabled()
+    for start in range(0, rows.shape[0], chunk_tokens):
+        args = (head, rows[start : start + chunk_tokens], wanted[start : start + chunk_tokens], softcap, entropy, entropy_grad)
+        lp, ent = checkpoint(_chunk, *args, use_reentrant=False) if grad else _chunk(*args)
+        logp_parts.append(lp)
+        ent_parts.append(ent)
+    flat = torch.zeros(b * c, dtype=torch.float32, device=hidden.device)
+    logp = flat.index_put((real,), torch.cat(logp_parts)) if logp_parts else flat
+    if not entropy:
+        return logp.view(b, c), None
+    ent = flat.index_put((real,), torch.cat(ent_parts)) if ent_parts else flat
+    return logp.view(b, c), ent.view(b, c)

@@ -1,0 +1,98 @@
+"""Publication and checkpoints: weights for the rollout engines, the final HF model, DeepSpeed checkpoints.
+
+Weights leave rank 0 as a few flat buckets (common/records.WeightBucket): one copy out of the parameters into the
+bucket, then Ray's object store holds it once for every reader, zero-copy. A checkpoint is written under a temporary
+name and renamed into place, so a crash never leaves a half-written `step-N`; only then are the entries it holds
+acknowledged.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+
+from scratchpad.common.records import WeightBucket
+from scratchpad.learner.engine import barrier, gathered
+
+
+def buckets_of(named: list[tuple[str, torch.Tensor]], bucket_bytes: int) -> list[WeightBucket]:
+    """Parameters packed back to back into buckets of about `bucket_bytes`, one dtype per bucket; a tensor shared by
+    two names (tied embeddings) travels once, under its first name."""
+    seen: set[int] = set()
+    pending: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
+    out: list[WeightBucket] = []
+
+    def flush(dtype):
+        items = pending.pop(dtype, [])
+        if items:
+            flat = torch.cat([t.detach().reshape(-1) for _, t in items]).to("cpu")  # one copy; one transfer off a GPU
+            array = flat.view(torch.uint16).numpy() if dtype == torch.bfloat16 else flat.numpy()
+            out.append(WeightBucket([n for n, _ in items], [list(t.shape) for _, t in items], str(dtype).removeprefix("torch."), array))
+
+    for name, tensor in named:
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        pending.setdefault(tensor.dtype, []).append((name, tensor))
+        if sum(t.numel() * t.element_size() for _, t in pending[tensor.dtype]) >= bucket_bytes:
+            flush(tensor.dtype)
+    for dtype in list(pending):
+        flush(dtype)
+    return out
+
+
+def publish(learner, every_rank: bool = False) -> tuple[int, list[WeightBucket]]:
+    """(policy_version, buckets) of the policy; call it on every rank (a collective under ZeRO-3). Only rank 0
+    returns buckets unless every_rank."""
+    with gathered(learner.engine.module):
+        if learner.rank != 0 and not every_rank:
+            return learner.version, []
+        named = list(learner.engine.module.state_dict(keep_vars=False).items())
+        return learner.version, buckets_of(named, learner.cfg.learner.publish_bucket_mb * 2**20)
+
+
+def save_pretrained(learner, directory: str) -> str:
+    """The HF model and tokenizer, written by rank 0; call it on every rank."""
+    with gathered(learner.engine.module):
+        if learner.rank == 0:
+            learner.engine.module.save_pretrained(directory)
+            learner.tokenizer.save_pretrained(directory)
+    return directory
+
+
+def load_checkpoint(learner, path: str) -> None:
+    _, state = learner.engine.load_checkpoint(path, tag="state")
+    if learner.critic is not None:
+        learner.critic.load_checkpoint(path, tag="critic")
+    learner.version = state["policy_version"]
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(state["python_rng"])
+    np.random.set_state(state["numpy_rng"])
+
+
+def save_checkpoint(learner, root: str, keep: int) -> str:
+    """DeepSpeed checkpoint (model, optimizer, scheduler, policy version, RNG) as `root/step-<version>`; keeps the
+    newest `keep`. Every rank must call it (the save is a collective)."""
+    final = os.path.join(root, f"step-{learner.version}")
+    tmp = os.path.join(root, f".tmp-step-{learner.version}")
+    if learner.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier(learner.world_size)
+    state = {"policy_version": learner.version, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+             "numpy_rng": np.random.get_state()}
+    learner.engine.save_checkpoint(tmp, tag="state", client_state=state)
+    if learner.critic is not None:
+        learner.critic.save_checkpoint(tmp, tag="critic")
+    barrier(learner.world_size)
+    if learner.rank == 0:
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        done = sorted((d for d in os.listdir(root) if d.startswith("step-")), key=lambda d: int(d.split("-")[1]))
+        for old in done[:-keep]:
+            shutil.rmtree(os.path.join(root, old))
+    barrier(learner.world_size)
+    return final
