@@ -102,7 +102,7 @@ class Learner:
             **{f"dropped_{reason}": count for reason, count in dropped.items()},
             "policy_lag_mean": sum(lags) / len(lags),
             "policy_lag_max": max(lags),
-            "policy_lag_hist": [sum(min(lag, LAG_BINS - 1) == b for lag in lags) for b in range(LAG_BINS)],
+            "policy_lag_hist": [sum(min(max(lag, 0), LAG_BINS - 1) == b for lag in lags) for b in range(LAG_BINS)],
             "learner_seconds": time.time() - started,
             "policy_version": self.version,
             "group_ids": [g.group_id for g in groups],  # the audit trail for "nothing lost, nothing trained twice"

@@ -40,6 +40,14 @@ def test_train_end_to_end(ray_cluster, tiny_model, cache_dir, tmp_path, capsys):
     assert [r["policy_version"] for r in rows] == [1, 2, 3]
     assert all(r["logprob_gap"] < 1e-3 for r in rows), "sampler and learner disagree: weights did not reach the engine"
 
+    # max_staleness 0 is strictly on-policy and trains what the synchronous loop trained: step s takes the next
+    # prompts_per_step prompts of the stream, each sampled by the weights it is trained against.
+    assert all(r["policy_lag_max"] == 0 and r["policy_lag_hist"][0] == r["groups_trained"] for r in rows)
+    trained = [json.loads(line) for line in (run / "trained.jsonl").read_text().splitlines()]
+    p = cfg.rollout.prompts_per_step
+    assert [[g.split("/")[0] for g in r["groups"]] for r in trained] == [
+        [f"train-{cfg.task.seed}-{i}" for i in range(s * p, (s + 1) * p)] for s in range(3)]
+
     # Every produced group is accounted for.
     assert summary["groups_produced"] == summary["groups_trained"] + summary["groups_dropped"] + summary["groups_in_flight"]
     assert summary["groups_trained"] == 3 * cfg.rollout.prompts_per_step
