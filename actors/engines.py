@@ -31,6 +31,22 @@ def bucket_tensors(buckets) -> list[tuple[str, object]]:
     return out
 
 
+def _quiet_rotary_reload() -> None:
+    """vLLM's in-place reload warns "RotaryEmbedding: Failed to load weights" on every load: the rotary layer's cos/sin
+    cache is a buffer no checkpoint holds, and vLLM puts it back as it was. Drop that one line; keep every other."""
+    import logging
+
+    log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(getattr(f, "scratchpad", False) for f in log.filters):
+        class Rotary(logging.Filter):
+            scratchpad = True
+
+            def filter(self, record):
+                return not (record.getMessage().startswith("RotaryEmbedding:") and "Failed to load weights" in record.getMessage())
+
+        log.addFilter(Rotary())
+
+
 @dataclass
 class Sample:
     token_ids: list[int]  # (C,) completion ids, EOS included when the model stopped
@@ -83,6 +99,7 @@ class VLLMEngine:
         return result
 
     def load_weights(self, named_tensors):
+        _quiet_rotary_reload()
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
         # Prefix caching would otherwise serve KV computed under the old weights.
         self.llm.reset_prefix_cache()

@@ -12,6 +12,7 @@ from collections import defaultdict
 
 import ray
 
+from scratchpad.cluster.pipeline import ACTOR_DIED
 from scratchpad.rewards.scoring import is_correct
 
 
@@ -37,7 +38,7 @@ class Evaluations:
     def __init__(self, cluster, held_out: list, runlog, report, started: float):
         self.cluster, self.held_out, self.runlog, self.report, self.started = cluster, held_out, runlog, report, started
         self.engine = cluster.evaluator if cluster.evaluator is not None else cluster.rollouts[0]
-        self.pending: list[tuple[int, object, float]] = []  # (step, scoring call, wall time it started)
+        self.pending: list[tuple] = []  # (step, scoring call, wall time it started, the weights it scores)
         self.latest: dict | None = None  # the newest finished evaluation, for the next step record
 
     def start(self, step: int, published=None) -> None:
@@ -45,19 +46,25 @@ class Evaluations:
         if published is not None:
             self.engine.update_weights.remote(published)
         generated = self.engine.generate.remote(self.held_out, True)
-        self.pending.append((step, self.cluster.eval_rewarder.score.remote(generated), time.time() - self.started))
+        self.pending.append((step, self.cluster.eval_rewarder.score.remote(generated), time.time() - self.started, published))
         if self.cluster.evaluator is None:
             self.wait_all()
 
     def collect(self, timeout: float = 0.0) -> None:
         """Record every evaluation that has finished (waiting up to `timeout` for the oldest)."""
         while self.pending:
-            step, call, began = self.pending[0]
+            step, call, began, published = self.pending[0]
             done, _ = ray.wait([call], timeout=timeout)
             if not done:
                 return
             self.pending.pop(0)
-            result = summarise(ray.get(call), self.cluster.cfg.reward.accuracy_component())
+            try:
+                groups = ray.get(call)
+            except ACTOR_DIED:  # the evaluation's engine or scorer died; Ray restarts it and the evaluation runs again
+                self.report.log(f"evaluation of step {step}: its actor died; evaluating again")
+                self.start(step, published)
+                continue
+            result = summarise(groups, self.cluster.cfg.reward.accuracy_component())
             row = {"step": step, "wall": time.time() - self.started, "eval_started_wall": began, **result}
             self.runlog.write("evals", row)
             self.report.evaluation(step, result)

@@ -17,29 +17,60 @@ import ray
 from scratchpad.common.config import ConfigError
 
 
-class StallError(ConfigError):
-    """A stage made no progress within run.stall_timeout_s: one line naming it; the run stops with a checkpoint."""
+ACTOR_DIED = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)  # the process behind a handle is gone
 
 
-class ScorerFailure(ConfigError):
-    """Every trace of a chunk failed to score: training on those zeros would teach nothing (one line)."""
+class RunHalted(ConfigError):
+    """The run cannot go on (one line): it stops after checkpointing what it has learned."""
+
+
+class StallError(RunHalted):
+    """A stage made no progress within run.stall_timeout_s."""
+
+
+class ScorerFailure(RunHalted):
+    """Every trace of a chunk failed to score, or every group is being dropped: training on that would teach nothing."""
+
+
+class RestartBudget(RunHalted):
+    """A process kind died more than run.max_restarts times within run.restart_window_s."""
+
+
+class Restarts:
+    """Counts deaths per process kind in a sliding window; past the budget the run halts."""
+
+    def __init__(self, cfg):
+        self.limit, self.window = cfg.run.max_restarts, cfg.run.restart_window_s
+        self.times: dict[str, list[float]] = {}
+        self.log: list[dict] = []  # every recovery: kind, what, when (for metrics and docs/RELIABILITY.md)
+
+    def record(self, kind: str, what: str) -> None:
+        now = time.time()
+        recent = [t for t in self.times.get(kind, []) if now - t < self.window] + [now]
+        self.times[kind] = recent
+        self.log.append({"kind": kind, "what": what, "at": now})
+        if len(recent) > self.limit:
+            raise RestartBudget(f"{what} died {len(recent)} times within {self.window:g} s (run.max_restarts={self.limit}); "
+                                f"stopping with a resumable checkpoint")
 
 
 class Production:
     """Generate -> score -> push calls in flight, per rollout actor, one generate call at a time per actor."""
 
-    def __init__(self, cluster, stream):
-        self.cluster, self.cfg, self.stream = cluster, cluster.cfg, stream
+    def __init__(self, cluster, stream, restarts: Restarts):
+        self.cluster, self.cfg, self.stream, self.restarts = cluster, cluster.cfg, stream, restarts
+        self.latest = None  # the newest published weights: a restarted rollout actor loads them before it samples
         r = self.cfg.rollout
         self.chunk = max(1, -(-r.prompts_per_step // (r.num_engines * r.chunks_per_engine)))
         self.generating: dict = {}  # generate ref -> engine index
-        self.scoring: dict = {}  # score ref -> (engine index, prompt count, issued at)
+        self.scoring: dict = {}  # score ref -> (engine index, prompts, generate ref, reward actor index, issued at)
         self.outstanding = 0  # groups issued and not yet trained or dropped
         self.backlog: list = []  # prompts owed to the learner (a refill), served before fresh ones
         self.stats: list[dict] = []  # what each finished scoring call returned, since the last step
         self.last_progress = time.time()
         self.pending_rewarders: dict[int, list] = {i: [] for i in range(len(cluster.rewarders))}
         self.refilled = 0  # prompts issued to refill batches since the last step (bounded)
+        self.back_since: dict[tuple, float] = {}  # (kind, index) -> when a restarted actor was last seen alive again
 
     def budget(self) -> int:
         return self.cfg.rollout.prompts_per_step * (self.cfg.learner.max_staleness + 1)
@@ -74,11 +105,57 @@ class Production:
     def _issue(self, engine: int, prompts: list) -> None:
         gen = self.cluster.rollouts[engine].generate.remote(prompts)
         self.generating[gen] = engine
+        self._score(engine, prompts, gen)
+        self.outstanding += len(prompts)
+
+    def _score(self, engine: int, prompts: list, gen, issued: float | None = None) -> None:
         rewarder = min(range(len(self.cluster.rewarders)), key=lambda i: len(self.pending_rewarders[i]))
         call = self.cluster.rewarders[rewarder].score_and_push.remote(gen, self.cfg.run.sample_traces)
         self.pending_rewarders[rewarder].append(call)
-        self.scoring[call] = (engine, len(prompts), time.time())
-        self.outstanding += len(prompts)
+        self.scoring[call] = (engine, prompts, gen, rewarder, issued or time.time())
+
+    def _recover(self, engine: int, prompts: list, gen, rewarder: int, issued: float) -> None:
+        """A chunk's rollout or reward actor died (Ray restarts it). A dead rollout actor's prompts are sampled again
+        under the same prompt ids, after it loads the newest weights; a dead reward actor's chunk is scored again.
+        A call issued before the actor was last seen back counts toward no new death (one death fails several calls)."""
+        try:
+            ray.get(gen, timeout=self.cfg.run.stall_timeout_s)
+        except ACTOR_DIED:
+            actor = self.rollout_died(engine, issued)
+            gen = actor.generate.remote(prompts)
+            self.generating[gen] = engine
+            issued = time.time()
+        else:
+            if issued >= self.back_since.get(("reward", rewarder), 0.0):
+                self.restarts.record("reward", f"reward actor {rewarder}")
+                self._await_back(self.cluster.rewarders[rewarder], ("reward", rewarder))
+                self.cluster.pin_roles(("reward",))
+        self._score(engine, prompts, gen, issued)
+
+    def rollout_died(self, engine: int, issued: float):
+        """A call issued at `issued` to rollout actor `engine` failed because its process died: count the death (once),
+        wait for Ray to restart it, and give it the newest weights before anything else. Returns its handle."""
+        actor = self.cluster.rollouts[engine]
+        if issued >= self.back_since.get(("rollout", engine), 0.0):
+            self.restarts.record("rollout", f"rollout actor {engine}")
+            self._await_back(actor, ("rollout", engine))
+            if self.latest is not None:
+                actor.update_weights.remote(self.latest)
+            self.cluster.pin_roles(("rollout",))  # the restarted process starts unpinned
+        return actor
+
+    def _await_back(self, actor, key: tuple) -> None:
+        """Wait until Ray has restarted `actor` (bounded by run.stall_timeout_s)."""
+        deadline = time.time() + self.cfg.run.stall_timeout_s
+        while True:
+            try:
+                ray.get(actor.__ray_ready__.remote(), timeout=max(1.0, deadline - time.time()))
+                self.back_since[key] = time.time()
+                return
+            except ACTOR_DIED:
+                if time.time() > deadline:
+                    raise StallError(f"restart: {key[0]} actor {key[1]} did not come back within {self.cfg.run.stall_timeout_s:g} s") from None
+                time.sleep(0.5)
 
     def poll(self, timeout: float, extra: list = ()) -> list:
         """Wait up to `timeout` for any production call or one of `extra`; collect finished scoring calls. Returns the
@@ -92,11 +169,15 @@ class Production:
             self.generating.pop(ref)
             self.last_progress = time.time()
         for ref in [r for r in self.scoring if r in done_set]:
-            self.scoring.pop(ref)
             for pending in self.pending_rewarders.values():
                 if ref in pending:
                     pending.remove(ref)
-            stat = ray.get(ref, timeout=self.cfg.run.stall_timeout_s)
+            engine, prompts, gen, rewarder, issued = self.scoring.pop(ref)
+            try:
+                stat = ray.get(ref, timeout=self.cfg.run.stall_timeout_s)
+            except ACTOR_DIED:
+                self._recover(engine, prompts, gen, rewarder, issued)
+                continue
             if stat["traces"] and stat.get("count_error", 0) == stat["traces"]:
                 raise ScorerFailure(f"reward: all {stat['traces']} traces of a chunk failed to score (status error: a dead "
                                     f"judge or reward model?); nothing is trained on those zeros")
@@ -108,7 +189,7 @@ class Production:
         idle = time.time() - self.last_progress
         if idle <= self.cfg.run.stall_timeout_s:
             return
-        engines = sorted({e for e in self.generating.values()} | {e for e, _, _ in self.scoring.values()})
+        engines = sorted({e for e in self.generating.values()} | {chunk[0] for chunk in self.scoring.values()})
         who = f"rollout actor {engines[0]}" if self.generating else (f"reward actor scoring rollout actor {engines[0]}'s chunk" if engines else "the learner")
         raise StallError(f"{stage}: {who} made no progress for {idle:.0f} s (run.stall_timeout_s={self.cfg.run.stall_timeout_s:g})")
 

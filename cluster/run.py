@@ -87,6 +87,7 @@ class Cluster:
         self.redis: EmbeddedRedis | None = None
         self.started_ray = False
         self.actors: list = []
+        self.learners: list = []
         self.evaluator = None
         self.placement = None
         self.stop_requested = threading.Event()  # set by the first SIGTERM/Ctrl-C: finish the step, checkpoint, stop
@@ -135,52 +136,77 @@ class Cluster:
 
     def _start_actors(self) -> None:
         from scratchpad.actors.rollout import RolloutWorker
-        from scratchpad.learner.learner import Learner
         from scratchpad.rewards.scoring import RewardWorker
 
         cfg = self.cfg
-        env = {"env_vars": actor_env(cfg)}
-        rollout_env, learner_env = {"env_vars": actor_env(cfg, "rollout")}, {"env_vars": actor_env(cfg, "learner")}
+        env, rollout_env = {"env_vars": actor_env(cfg)}, {"env_vars": actor_env(cfg, "rollout")}
+        restarts = {"max_restarts": cfg.run.max_restarts}  # Ray restarts a dead rollout or reward actor; the loop reissues its work
         self.placement, index = reserve(cfg)  # fails fast, with what is missing, if the cluster cannot hold the run
         rollout_cls = ray.remote(RolloutWorker)
         self.rollouts = [
-            rollout_cls.options(num_cpus=cfg.rollout.cpus_per_engine, num_gpus=cfg.rollout.gpus_per_engine, runtime_env=rollout_env,
+            rollout_cls.options(num_cpus=cfg.rollout.cpus_per_engine, num_gpus=cfg.rollout.gpus_per_engine, runtime_env=rollout_env, **restarts,
                                 **strategy(self.placement, index, "rollout engine", i)).remote(cfg, self.model_path, i)
             for i in range(cfg.rollout.num_engines)
         ]
         # The held-out evaluation's own engine: reserves nothing, so it runs beside the others (on the eval cores).
-        self.evaluator = rollout_cls.options(num_cpus=0, num_gpus=0, runtime_env={"env_vars": actor_env(cfg, "eval")}).remote(
+        self.evaluator = rollout_cls.options(num_cpus=0, num_gpus=0, runtime_env={"env_vars": actor_env(cfg, "eval")}, **restarts).remote(
             cfg, self.model_path, cfg.rollout.num_engines) if cfg.run.eval_actor else None
         self.reward_models = self._start_reward_models(env, index)
         self.rewarders = [
             ray.remote(RewardWorker).options(num_cpus=cfg.reward.cpus_per_actor, runtime_env=env, max_pending_calls=cfg.reward.max_pending,
-                                             **strategy(self.placement, index, "reward actor", i)).remote(
+                                             **restarts, **strategy(self.placement, index, "reward actor", i)).remote(
                 cfg.reward, self.address, cfg.rollout.max_new_tokens, self.reward_models, self.model_path)
             for i in range(cfg.reward.num_actors)
         ]
-        self.eval_rewarder = ray.remote(RewardWorker).options(num_cpus=0, runtime_env=env).remote(
+        self.eval_rewarder = ray.remote(RewardWorker).options(num_cpus=0, runtime_env=env, **restarts).remote(
             cfg.reward, self.address, cfg.rollout.max_new_tokens, self.reward_models, self.model_path)  # scores held-out evaluations only
+        self.index = index
+        self.learners = self.start_learners(self.resume_from)
+        self.actors = [*self.rollouts, *([self.evaluator] if self.evaluator else []), *self.reward_models.values(), *self.rewarders,
+                       self.eval_rewarder]
+        ray.get([a.__ray_ready__.remote() for a in self.actors], timeout=cfg.run.stall_timeout_s)
+        self.pin_roles(("rollout", "reward", "eval"))
+
+    def start_learners(self, resume_from: str | None) -> list:
+        """The learner ranks (again, after a crash: from the checkpoint `resume_from`), ready and pinned."""
+        from scratchpad.learner.learner import Learner
+
+        cfg = self.cfg
         # torch.distributed's rendezvous (gloo on CPU, NCCL on GPU) listens on rank 0's node: ask that bundle for its
         # address and a free port there, so the ranks may span nodes.
-        addr, port = ray.get(ray.remote(_rendezvous).options(num_cpus=0, **strategy(self.placement, index, "learner", 0)).remote(),
+        addr, port = ray.get(ray.remote(_rendezvous).options(num_cpus=0, **strategy(self.placement, self.index, "learner", 0)).remote(),
                              timeout=cfg.run.placement_timeout_s)
         self.learners = [
-            ray.remote(Learner).options(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus, runtime_env=learner_env,
-                                        **strategy(self.placement, index, "learner", rank)).remote(
-                cfg, self.model_path, self.address, rank, cfg.learner.ranks, port, self.resume_from, addr)
+            ray.remote(Learner).options(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus,
+                                        runtime_env={"env_vars": actor_env(cfg, "learner")},
+                                        **strategy(self.placement, self.index, "learner", rank)).remote(
+                cfg, self.model_path, self.address, rank, cfg.learner.ranks, port, resume_from, addr)
             for rank in range(cfg.learner.ranks)
         ]
         self.learner = self.learners[0]  # publishes weights and writes the final model
-        self.actors = [*self.rollouts, *([self.evaluator] if self.evaluator else []), *self.reward_models.values(), *self.rewarders,
-                       self.eval_rewarder, *self.learners]
-        ray.get([a.__ray_ready__.remote() for a in self.actors], timeout=cfg.run.stall_timeout_s)
-        if cfg.run.cores:
-            by_role = {"rollout": self.rollouts, "learner": self.learners, "reward": self.rewarders,
-                       "eval": [a for a in (self.evaluator, self.eval_rewarder) if a is not None]}
-            for role, actors in by_role.items():
-                cores = cfg.run.cores.get(role) or (cfg.run.cores.get("rollout") if role == "eval" else None)
-                if cores:
-                    pin(actors, cores)
+        ray.get([a.__ray_ready__.remote() for a in self.learners], timeout=cfg.run.stall_timeout_s)
+        self.pin_roles(("learner",))
+        return self.learners
+
+    def restart_learners(self, resume_from: str) -> None:
+        """A learner rank died: stop every rank (a process group cannot lose a member) and start them from a checkpoint."""
+        for rank in self.learners:
+            try:
+                ray.kill(rank)
+            except Exception:  # already dead
+                pass
+        self.start_learners(resume_from)
+
+    def pin_roles(self, roles: tuple[str, ...]) -> None:
+        """Apply run.cores to these roles' processes (again after Ray restarts one: a new process is not pinned)."""
+        if not self.cfg.run.cores:
+            return
+        by_role = {"rollout": self.rollouts, "learner": self.learners, "reward": self.rewarders,
+                   "eval": [a for a in (self.evaluator, self.eval_rewarder) if a is not None]}
+        for role in roles:
+            cores = self.cfg.run.cores.get(role) or (self.cfg.run.cores.get("rollout") if role == "eval" else None)
+            if cores:
+                pin(by_role[role], cores)
 
     def _start_reward_models(self, env: dict, index: dict) -> dict:
         """One Ray actor per model component (likelihood LM, reward model, judge engine), shared by every reward actor."""
@@ -204,12 +230,12 @@ class Cluster:
         for signum, handler in self.previous_handlers.items():
             signal.signal(signum, handler)
         self.previous_handlers = {}
-        for actor in self.actors:
+        for actor in [*self.actors, *self.learners]:
             try:
                 ray.kill(actor)
             except Exception:  # already dead: nothing left to stop
                 pass
-        self.actors = []
+        self.actors, self.learners = [], []
         if self.placement is not None:
             release(self.placement)
             self.placement = None

@@ -19,7 +19,7 @@ import ray
 from scratchpad.actors.tasks import eval_set, train_stream
 from scratchpad.cluster.held_out import Evaluations
 from scratchpad.cluster.make_model import resolve_model
-from scratchpad.cluster.pipeline import Production, merge_stats
+from scratchpad.cluster.pipeline import ACTOR_DIED, Production, Restarts, RestartBudget, RunHalted, merge_stats
 from scratchpad.cluster.progress import StepReporter, check_wandb
 from scratchpad.cluster.report import write_outputs, write_report
 from scratchpad.cluster.run import Cluster, run_identity
@@ -94,12 +94,19 @@ def publish(cluster: Cluster) -> tuple:
     return published
 
 
-def sync_weights(cluster: Cluster, published, wait: bool) -> list:
-    """Queue the new weights on every rollout actor (behind its current generate call); wait for them when `wait`."""
-    loads = [r.update_weights.remote(published) for r in cluster.rollouts]
-    if wait:
-        ray.get(loads, timeout=cluster.cfg.run.stall_timeout_s)
-    return loads
+def sync_weights(cluster: Cluster, published, wait: bool, production: Production | None = None) -> None:
+    """Queue the new weights on every rollout actor (behind its current generate call); wait for them when `wait`.
+    A rollout actor that died meanwhile is restarted by Ray and given them again."""
+    issued = time.time()
+    loads = [(r.update_weights.remote(published), i) for i, r in enumerate(cluster.rollouts)]
+    for ref, engine in loads if wait else ():
+        try:
+            ray.get(ref, timeout=cluster.cfg.run.stall_timeout_s)
+        except ACTOR_DIED:
+            if production is None:
+                raise
+            production.latest = published
+            ray.get(production.rollout_died(engine, issued).__ray_ready__.remote(), timeout=cluster.cfg.run.stall_timeout_s)  # after the load
 
 
 class RunLog:
@@ -115,6 +122,11 @@ class RunLog:
                 rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step] if path.exists() else []
                 path.write_text("".join(row + "\n" for row in rows))
         self.handles = {name: open(run_dir / f"{name}.jsonl", "a") for name in self.FILES}
+
+    def rewind(self, step: int) -> None:
+        """Drop the rows past `step` (a learner restarted from that checkpoint redoes them)."""
+        self.close()
+        self.__init__(self.run_dir, step)
 
     def write(self, name: str, row: dict) -> None:
         self.handles[name].write(json.dumps(row) + "\n")
@@ -172,23 +184,62 @@ def train(cfg: ExperimentConfig, run_dir: Path, log=print, resume: bool = False,
 
 def run_steps(cfg: ExperimentConfig, cluster: Cluster, run_dir: Path, runlog: RunLog, report: StepReporter, stream,
               evals: Evaluations, first: int) -> None:
-    """Steps first..run.steps. On a stop request (or Ctrl-C) keep what was learned, then unwind: only a learner whose
-    version matches the last recorded step is checkpointed, so the records and the checkpoint agree on a resume."""
-    production = Production(cluster, stream)
-    done = first - 1
+    """Steps first..run.steps. A dead learner rank restarts from the newest checkpoint and redoes the steps after it.
+    On a stop request, Ctrl-C or a halt (one line), keep what was learned, then unwind: only a learner whose version
+    matches the last recorded step is checkpointed, so the records and the checkpoint agree on a resume."""
+    restarts = Restarts(cfg)
+    production = Production(cluster, stream, restarts)
+    step = first
     try:
-        for step in range(first, cfg.run.steps + 1):
-            run_step(cfg, cluster, run_dir, runlog, report, production, evals, step)
-            done = step
+        while step <= cfg.run.steps:
+            try:
+                run_step(cfg, cluster, run_dir, runlog, report, production, evals, step)
+            except ACTOR_DIED:
+                if not learner_died(cluster):
+                    raise
+                step = restart_learner(cfg, cluster, run_dir, runlog, report, production, restarts)
+                continue
+            step += 1
             if cluster.stop_requested.is_set():
                 raise KeyboardInterrupt("stop requested")
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, RunHalted) as exc:
+        done = step - 1
+        if isinstance(exc, RunHalted):
+            report.log(f"halting: {exc}")
         production.drain(timeout=60.0)  # what is being generated is scored and pushed: the resumed run trains it
-        if ray.get(cluster.learner.policy_version.remote(), timeout=cfg.run.stall_timeout_s) == done:
+        if not learner_died(cluster) and ray.get(cluster.learner.policy_version.remote(), timeout=cfg.run.stall_timeout_s) == done:
             report.log(f"stopping: checkpoint at step {done}")
             on_learners(cluster, "save_checkpoint", str(run_dir / "checkpoints"), cfg.run.keep_checkpoints)
         stopped_report(run_dir, cfg, runlog, done, report.log)
         raise
+
+
+def learner_died(cluster: Cluster) -> bool:
+    """Whether some learner rank's process is gone (rather than a rollout or reward actor's)."""
+    for rank in cluster.learners:
+        try:
+            ray.get(rank.policy_version.remote(), timeout=30)
+        except (*ACTOR_DIED, ray.exceptions.GetTimeoutError):
+            return True
+    return False
+
+
+def restart_learner(cfg: ExperimentConfig, cluster: Cluster, run_dir: Path, runlog: RunLog, report: StepReporter,
+                    production: Production, restarts: Restarts) -> int:
+    """Start every learner rank again from the newest checkpoint; it replays exactly the entries that checkpoint
+    lacks. Returns the step to redo next."""
+    point = latest_checkpoint(run_dir)
+    restarts.record("learner", "a learner rank")
+    if point is None:
+        raise RestartBudget("a learner rank died and there is no checkpoint to restart it from (set run.checkpoint_every)")
+    started = time.time()
+    cluster.restart_learners(str(point[0]))
+    production.outstanding += sum(len(r["groups"]) for r in runlog.read("trained") if r["step"] > point[1])  # trained again
+    runlog.rewind(point[1])
+    production.latest = publish(cluster)
+    sync_weights(cluster, production.latest, wait=cfg.learner.max_staleness == 0, production=production)
+    report.log(f"a learner rank died: restarted from {point[0]} in {time.time() - started:.1f}s; redoing steps after {point[1]}")
+    return point[1] + 1
 
 
 def stopped_report(run_dir: Path, cfg: ExperimentConfig, runlog: RunLog, done: int, log) -> None:
@@ -209,8 +260,8 @@ def run_step(cfg: ExperimentConfig, cluster: Cluster, run_dir: Path, runlog: Run
     with timer.phase("train"):
         learned = train_step(cluster, production)
     with timer.phase("sync"):
-        published = publish(cluster)
-        sync_weights(cluster, published, wait=cfg.learner.max_staleness == 0)
+        published = production.latest = publish(cluster)
+        sync_weights(cluster, published, wait=cfg.learner.max_staleness == 0, production=production)
     if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0:
         with timer.phase("checkpoint"):
             on_learners(cluster, "save_checkpoint", str(run_dir / "checkpoints"), cfg.run.keep_checkpoints)

