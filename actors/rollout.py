@@ -1,8 +1,8 @@
 """The rollout worker a rollout actor hosts: prompts in, groups of parsed traces out.
 
-It formats each prompt (plain for the tiny model, the chat template for an
-instruct model), samples n completions with its engine, parses thought and
-answer, and stamps every trace with the policy version of the weights it holds.
+It formats each prompt through the configured template (actors/formatting.PromptFormat: plain for the tiny model,
+the chat template for an instruct model, with the instruction and worked examples), samples n completions with its
+engine, parses thought and answer in task.answer_format, and stamps every trace with the policy version it holds.
 """
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import time
 import uuid
 
 from scratchpad.actors.engines import bucket_tensors
-from scratchpad.actors.formatting import chat_prompt, parse_completion, plain_prompt
-from scratchpad.common.config import ExperimentConfig
+from scratchpad.actors.formatting import PromptFormat
+from scratchpad.common.config import ROLLOUT_CONTEXT_CAP, ExperimentConfig
 from scratchpad.common.records import Group, Prompt, Trace, pack_ids, pack_logprobs
 
 
@@ -24,7 +24,8 @@ class RolloutWorker:
         self.cfg = cfg
         self.index = index
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.chat = getattr(self.tokenizer, "chat_template", None) is not None
+        self.prompt_format = PromptFormat(cfg.task, self.tokenizer)
+        self.chat = self.prompt_format.chat
         self.version = 0
         seed = cfg.rollout.seed + index
         gpu = cfg.rollout.gpus_per_engine > 0
@@ -42,13 +43,11 @@ class RolloutWorker:
     def _max_model_len(self, model_path: str) -> int:
         from transformers import AutoConfig
 
-        limit = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", 4096)
-        return min(limit, 4096)
+        limit = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", ROLLOUT_CONTEXT_CAP)
+        return min(limit, ROLLOUT_CONTEXT_CAP)
 
     def format(self, prompt: Prompt) -> str:
-        if self.chat:
-            return chat_prompt(self.tokenizer, prompt.text, self.cfg.task.mode)
-        return plain_prompt(prompt.text)
+        return self.prompt_format.render(prompt.text)
 
     def generate(self, prompts: list[Prompt], greedy: bool = False) -> list[Group]:
         """n sampled completions per prompt (1 greedy completion when greedy)."""
@@ -65,10 +64,10 @@ class RolloutWorker:
             traces = []
             for k, s in enumerate(group_samples):
                 completion = self.tokenizer.decode(s.token_ids, skip_special_tokens=True)
-                thought, answer, closed = parse_completion(completion)
+                thought, answer, closed = self.prompt_format.parse(completion)
                 traces.append(Trace(
                     trace_id=f"{group_id}:{k}", group_id=group_id, prompt_id=prompt.prompt_id, prompt=text,
-                    prompt_ids=pack_ids(prompt_ids), completion=completion, completion_ids=pack_ids(s.token_ids),
+                    prompt_ids=pack_ids(prompt_ids), question=prompt.text, completion=completion, completion_ids=pack_ids(s.token_ids),
                     logprobs=pack_logprobs(s.logprobs),
                     finish_reason=s.finish_reason, policy_version=self.version, reference=prompt.answer,
                     thought=thought, answer=answer, closed=closed, meta=prompt.meta,

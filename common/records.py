@@ -67,7 +67,7 @@ class Trace(msgspec.Struct):
     trace_id: str  # group_id + ":" + index within the group
     group_id: str  # the group this trace belongs to
     prompt_id: str
-    prompt: str  # prompt text as the model saw it
+    prompt: str  # prompt text as the model saw it (chat template, instruction, worked examples)
     prompt_ids: bytes  # (P,) int32 prompt token ids, BOS included (pack_ids / unpack_ids)
     completion: str  # decoded completion text, EOS excluded
     completion_ids: bytes  # (C,) int32 sampled token ids, EOS included when the model stopped
@@ -79,6 +79,7 @@ class Trace(msgspec.Struct):
     answer: str | None = None  # text inside <answer>..</answer>, None if absent
     closed: bool = False  # the completion ends right after </answer> (whitespace aside)
     meta: dict = {}  # copied from the prompt
+    question: str = ""  # the task's question alone, as a judge or reward model reads it; "" in payloads from before it
     reward: float | None = None  # total scalar reward, set by a reward actor
     components: dict[str, float] = {}  # named parts of the reward before weighting
     status: str | None = None  # "ok", "timeout", "error" or "unparsable" once scored
@@ -128,25 +129,72 @@ def decode_group(payload: bytes) -> Group:
     return group
 
 
-def read_json_lines(path, fields: tuple[str, ...], what: str) -> list[tuple[int, dict]]:
-    """(line number, object) for each non-blank line of a JSONL file whose objects all have `fields`;
-    ValueError naming the file and line of a bad one, or the file when it holds none."""
+class JsonLines(msgspec.Struct):
+    """A JSONL file read leniently: the good rows, and why each bad line was skipped."""
+
+    path: str
+    rows: list[tuple[int, dict]]  # (line number, object) of each good line
+    bad: list[tuple[int, str]]  # (line number, reason) of each skipped line
+    lines: int  # non-blank lines in all
+
+    def check(self, max_bad: float, what: str, setting: str | None = None) -> "JsonLines":
+        """ValueError naming the file, the count and the first bad line when more than `max_bad` of the lines are bad
+        (`setting` names the field that says so), or when no good line is left."""
+        if self.bad and len(self.bad) > max_bad * self.lines:
+            lineno, reason = self.bad[0]
+            allowed = f", more than {setting} = {max_bad:g} allows" if setting else ""
+            raise ValueError(f"{self.path}:{lineno}: {reason} ({len(self.bad)} of {self.lines} lines bad{allowed})")
+        if not self.rows:
+            raise ValueError(f"{self.path}: no {what}")
+        return self
+
+
+def _row_problem(line: bytes, kinds: dict[str, tuple[type, ...]]) -> tuple[dict | None, str | None]:
+    """(object, None) for a good line, (None, reason) for a bad one."""
     import json
 
-    names = f"{', '.join(fields[:-1])} and {fields[-1]}" if len(fields) > 1 else fields[0]
-    rows = []
-    with open(path) as handle:
+    fields = list(kinds)
+    expected = f"expected a JSON object with {', '.join(fields[:-1])} and {fields[-1]}" if len(fields) > 1 else f"expected a JSON object with {fields[0]}"
+    try:
+        row = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        return None, f"not UTF-8 (byte 0x{line[exc.start]:02x} at column {exc.start + 1})"
+    except json.JSONDecodeError as exc:
+        return None, f"{expected} (not JSON: {exc.msg} at column {exc.colno})"
+    if not isinstance(row, dict):
+        return None, f"{expected} (got a JSON {type(row).__name__})"
+    missing = [f for f in fields if f not in row]
+    if missing:
+        return None, f"{expected} (missing {', '.join(missing)})"
+    for field, types in kinds.items():
+        value = row[field]
+        if not types:
+            continue
+        if isinstance(value, bool) or not isinstance(value, types) or (isinstance(value, str) and not value.strip()):
+            wanted = " or ".join("non-empty string" if t is str else {int: "integer", float: "number"}[t] for t in types)
+            return None, f"{field} must be a {wanted} (got {json.dumps(value)[:60]})"
+    return row, None
+
+
+def scan_json_lines(path, kinds: dict[str, tuple[type, ...]]) -> JsonLines:
+    """Every non-blank line of a JSONL file, sorted into good rows (objects whose `kinds` fields exist and have one of
+    the listed types; an empty tuple accepts any) and bad ones. OSError when the file cannot be read at all."""
+    rows, bad, lines = [], [], 0
+    with open(path, "rb") as handle:  # bytes: a line that is not UTF-8 is one bad row, not the end of the file
         for lineno, line in enumerate(handle, 1):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-                missing = [f for f in fields if f not in row]
-            except (json.JSONDecodeError, TypeError) as exc:
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with {names} ({exc})") from None
-            if not isinstance(row, dict) or missing:
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with {names} (missing {', '.join(missing)})")
-            rows.append((lineno, row))
-    if not rows:
-        raise ValueError(f"{path}: no {what}")
-    return rows
+            lines += 1
+            row, problem = _row_problem(line, kinds)
+            if problem is None:
+                rows.append((lineno, row))
+            else:
+                bad.append((lineno, problem))
+    return JsonLines(str(path), rows, bad, lines)
+
+
+def read_json_lines(path, fields: tuple[str, ...], what: str, max_bad: float = 0.0) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file whose objects have `fields`; bad lines are
+    skipped while at most `max_bad` of them are, else ValueError naming the file, the count and the first bad line
+    (also when the file holds no good line)."""
+    return scan_json_lines(path, {f: () for f in fields}).check(max_bad, what).rows

@@ -1,5 +1,8 @@
 """Answer checkers: pure functions (answer, reference, **options) -> bool.
 
+They read only what actors/formatting.py extracted in task.answer_format (the <answer> block, the last \\boxed{},
+the regex's group or the last number), never the rest of the completion.
+
 They run inside the sandbox's worker processes (rewards/sandbox.py), which can be
 killed when a check overruns; nothing here needs a timeout of its own. A checker
 raises `Unparsable` when the answer cannot be read at all (the trace's status
@@ -10,6 +13,9 @@ from __future__ import annotations
 import logging
 import math
 import re
+
+
+NO_ANSWER = "no answer in the completion (task.answer_format found none)"  # a trace's error when its answer is None
 
 
 class Unparsable(Exception):

@@ -16,9 +16,16 @@ from typing import Any
 
 from scratchpad.common.buffer import SharedHash
 from scratchpad.common.records import Trace
+from scratchpad.rewards.checkers import NO_ANSWER
 from scratchpad.rewards.sandbox import Outcome
 
 RETRY_TEMPERATURE = 0.7  # a greedy judge would repeat its unparsable reply
+
+
+def instruction_of(trace: Trace) -> str:
+    """What a judge or reward model reads as the instruction: the user's question, not the policy's templated prompt
+    (a payload from before traces carried the question falls back to the prompt)."""
+    return (trace.question or trace.prompt).strip()
 
 
 def _complete(engine: Any, texts: list[str], temperature: float, max_new_tokens: int) -> list[str]:
@@ -45,7 +52,7 @@ class Judge:
             return None
         try:
             value = float(match.group(1))
-        except ValueError:
+        except (TypeError, ValueError):  # an optional group that did not take part is None
             return None
         if not self.c.score_min <= value <= self.c.score_max:
             return None
@@ -53,7 +60,8 @@ class Judge:
 
     def _parse_winner(self, reply: str) -> str | None:
         match = self.winner_re.search(reply)
-        return match.group(1).upper() if match and match.group(1).upper() in ("A", "B") else None
+        winner = (match.group(1) or "").upper() if match else ""  # an optional group that did not take part is None
+        return winner if winner in ("A", "B") else None
 
     def _verdicts(self, texts: list[str], parse) -> list[Any]:
         """Parsed verdict per text (None when still unparsable after max_retries), through the cache."""
@@ -102,10 +110,10 @@ class Judge:
         return SharedHash(buffer_address, f"judge:{component.name}:{judge_id}", component.cache_size)
 
     def score(self, traces: list[Trace]) -> list[Outcome]:
-        unparsable = Outcome("unparsable", 0.0, "no <answer>..</answer> block")
+        unparsable = Outcome("unparsable", 0.0, NO_ANSWER)
         if self.c.mode == "pointwise":
             wanted = [i for i, t in enumerate(traces) if t.answer is not None]
-            texts = [self.c.template.format(prompt=traces[i].prompt.strip(), response=traces[i].answer) for i in wanted]
+            texts = [self.c.template.format(prompt=instruction_of(traces[i]), response=traces[i].answer) for i in wanted]
             self.seen = texts
             outcomes = [unparsable] * len(traces)
             for i, v in zip(wanted, self._verdicts(texts, self._parse_score)):
@@ -121,7 +129,7 @@ class Judge:
             if t.answer is not None:
                 groups.setdefault(t.group_id, []).append(i)
         pairs = [(a, b) for members in groups.values() for a in members for b in members if a != b]
-        texts = [self.c.pairwise_template.format(prompt=traces[a].prompt.strip(), response_a=traces[a].answer,
+        texts = [self.c.pairwise_template.format(prompt=instruction_of(traces[a]), response_a=traces[a].answer,
                                                  response_b=traces[b].answer) for a, b in pairs]
         self.seen = texts
         wins: dict[int, list[float]] = {}

@@ -7,13 +7,25 @@ cannot do this: an overrunning thread can only be abandoned, and keeps its core.
 Workers are fresh interpreters, not forks (the reward actor runs threads), and report when
 they are ready, so a replacement's start-up never counts against a check's
 deadline. A worker whose parent dies exits by itself.
+
+Answers are untrusted text, and a checker (sympy's parser above all) may be made
+to eat memory, CPU or disk by one. Each worker therefore runs with hard limits
+(setrlimit, set before it imports the checkers): address space (RLIMIT_AS; an
+allocation past it raises MemoryError, status error), CPU seconds per check
+(RLIMIT_CPU; past it SIGXCPU kills the worker, status timeout) and file size
+(RLIMIT_FSIZE; a bigger write fails, status error), in an empty working
+directory and an environment holding no more than the interpreter needs (no
+credentials, no Ray or Redis addresses).
 """
 from __future__ import annotations
 
 import importlib
 import os
+import resource
+import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -24,6 +36,25 @@ from typing import Any, NamedTuple
 from scratchpad.rewards.checkers import Unparsable
 
 STARTUP_TIMEOUT_S = 120.0  # a worker that cannot even import in this long is a broken install, not a slow check
+_KEPT_ENV = ("PATH", "LANG", "LC_ALL", "TZ")  # what a worker inherits; everything else (tokens, URLs, keys) stays behind
+
+
+class Limits(NamedTuple):
+    """Per-worker resource limits (reward.checker_cpu_s, checker_memory_mib, checker_file_mib)."""
+
+    cpu_s: int  # CPU seconds one check may use
+    memory_mib: int  # the worker's whole address space
+    file_mib: int  # the largest file it may write
+
+    @classmethod
+    def of(cls, cfg=None) -> "Limits":
+        """From a RewardConfig; none gives the schema's defaults (imported here, not in the workers, which never
+        need pydantic)."""
+        if cfg is None:
+            from scratchpad.common.config import RewardConfig
+
+            cfg = RewardConfig()
+        return cls(cfg.checker_cpu_s, cfg.checker_memory_mib, cfg.checker_file_mib)
 
 
 class Outcome(NamedTuple):
@@ -39,9 +70,29 @@ def _orphan_watch(parent: int) -> None:
             os._exit(0)
 
 
+def _limit(limits: Limits) -> None:
+    """Hard memory and file-size limits for the rest of this worker's life (they can only be lowered again)."""
+    memory, size = limits.memory_mib * 2**20, limits.file_mib * 2**20
+    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG instead of killing us
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a worker killed by SIGXCPU leaves no core file behind
+
+
+def _cpu_budget(cpu_s: int) -> None:
+    """RLIMIT_CPU counts the process's whole life: each check gets `cpu_s` more seconds than used so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    soft = int(usage.ru_utime + usage.ru_stime) + 1 + cpu_s
+    resource.setrlimit(resource.RLIMIT_CPU, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
+
+
 def _serve(rx: Connection, tx: Connection) -> None:
-    """Worker loop: take the parent's sys.path, import what checks need, say ready, then run (fn, args, kwargs) jobs."""
+    """Worker loop: take the parent's sys.path and limits, import what checks need, say ready, then run
+    (fn, args, kwargs) jobs."""
     setup = rx.recv()
+    limits = Limits(*setup["limits"])
+    _limit(limits)
     sys.path[:] = setup["path"]  # functions arrive pickled by reference: the child must find the same modules
     threading.Thread(target=_orphan_watch, args=(setup["parent"],), daemon=True).start()
     for module in setup["warm"]:
@@ -52,10 +103,13 @@ def _serve(rx: Connection, tx: Connection) -> None:
             fn, args, kwargs = rx.recv()
         except EOFError:
             return
+        _cpu_budget(limits.cpu_s)
         try:
             tx.send(("ok", fn(*args, **kwargs), None))
         except Unparsable as exc:
             tx.send(("unparsable", None, str(exc)[:500]))
+        except MemoryError:
+            tx.send(("error", None, f"MemoryError: past the checker's {limits.memory_mib} MiB (reward.checker_memory_mib)"))
         except Exception as exc:  # reported as the trace's error; the worker lives on
             tx.send(("error", None, f"{type(exc).__name__}: {exc}"[:500]))
 
@@ -64,15 +118,15 @@ class _Worker:
     """One worker process, started with `python -m` (multiprocessing's spawn would re-run the parent's __main__,
     which in a Ray actor or a script without a main guard starts workers of its own)."""
 
-    def __init__(self, warm: Sequence[str]):
+    def __init__(self, warm: Sequence[str], limits: Limits, workdir: str):
         down_r, down_w = os.pipe()  # parent -> child
         up_r, up_w = os.pipe()  # child -> parent
         self.proc = subprocess.Popen([sys.executable, "-m", "scratchpad.rewards.sandbox", str(down_r), str(up_w)],
-                                     pass_fds=(down_r, up_w), stdin=subprocess.DEVNULL)
+                                     pass_fds=(down_r, up_w), stdin=subprocess.DEVNULL, cwd=workdir, env=_worker_env())
         os.close(down_r)
         os.close(up_w)
         self.send_conn, self.conn = Connection(down_w, readable=False), Connection(up_r, writable=False)
-        self.send_conn.send({"path": list(sys.path), "warm": list(warm), "parent": os.getpid()})
+        self.send_conn.send({"path": _parent_path(), "warm": list(warm), "parent": os.getpid(), "limits": tuple(limits)})
         self.started = time.monotonic()
         self.ready = False
         self.job: int | None = None  # index of the job it runs
@@ -93,14 +147,38 @@ class _Worker:
         self.conn.close()
 
 
+def _parent_path() -> list[str]:
+    """The parent's sys.path made absolute: the worker runs in another directory, where "" and relative entries
+    would name something else."""
+    return [os.path.abspath(p) if p else os.getcwd() for p in sys.path]
+
+
+def _worker_env() -> dict[str, str]:
+    """A scrubbed environment: the interpreter finds the project through PYTHONPATH (the parent's sys.path, which
+    also carries a Ray job's working_dir), one thread per numeric library, and nothing else of the parent's."""
+    env = {k: os.environ[k] for k in _KEPT_ENV if k in os.environ}
+    env.update(PYTHONPATH=os.pathsep.join(_parent_path()), PYTHONNOUSERSITE="1", PYTHONDONTWRITEBYTECODE="1",
+               OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return env
+
+
 class CheckerPool:
     """`size` worker processes; `run` spreads jobs over them and returns one Outcome per job, in order."""
 
-    def __init__(self, size: int, timeout_s: float, warm: Sequence[str] = ()):
-        self.timeout_s, self.warm = timeout_s, tuple(warm)
+    def __init__(self, size: int, timeout_s: float, warm: Sequence[str] = (), limits: Limits | None = None):
+        self.timeout_s, self.warm, self.limits = timeout_s, tuple(warm), limits or Limits.of()
         self.size = size
-        self.workers = [_Worker(self.warm) for _ in range(size)]
+        self.workdir = tempfile.TemporaryDirectory(prefix="scratchpad-checkers-")  # what a checker writes lands here
+        self.workers = [self._new_worker() for _ in range(size)]
         self.replaced = 0  # workers killed on timeout or found dead, over the pool's life
+
+    @classmethod
+    def for_config(cls, cfg, warm: Sequence[str] = ()) -> "CheckerPool":
+        """A pool sized and limited by a RewardConfig (checker_workers, timeout_s, checker_*)."""
+        return cls(cfg.checker_workers, cfg.timeout_s, warm, Limits.of(cfg))
+
+    def _new_worker(self) -> _Worker:
+        return _Worker(self.warm, self.limits, self.workdir.name)
 
     def _remove(self, worker: _Worker) -> None:
         """Kill a worker; its replacement starts when there is work for it (see _refill), so a timeout is reported
@@ -111,7 +189,7 @@ class CheckerPool:
 
     def _refill(self) -> None:
         while len(self.workers) < self.size:
-            self.workers.append(_Worker(self.warm))
+            self.workers.append(self._new_worker())
 
     def wait_ready(self) -> "CheckerPool":
         """Block until every worker has started (imports done), so the first batch pays no start-up."""
@@ -151,7 +229,7 @@ class CheckerPool:
                     if not w.ready:
                         raise RuntimeError(f"a checker worker exited while starting (exit code {w.exitcode})") from None
                     if w.job is not None:
-                        results[w.job] = Outcome("error", None, f"checker process died (exit code {w.exitcode})")
+                        results[w.job] = self._death(w)
                     self._remove(w)
                     continue
                 if status == "ready":
@@ -168,10 +246,21 @@ class CheckerPool:
                     raise RuntimeError(f"a checker worker did not start within {STARTUP_TIMEOUT_S}s (exit code {w.exitcode})")
         return results  # type: ignore[return-value]
 
+    def _death(self, worker: _Worker) -> Outcome:
+        """Why a worker died during a check: killed for its CPU time (the kernel's SIGXCPU), or anything else."""
+        try:
+            worker.proc.wait(timeout=10)  # its pipe closed: the exit status follows at once
+        except subprocess.TimeoutExpired:
+            pass
+        if worker.exitcode == -signal.SIGXCPU:
+            return Outcome("timeout", None, f"check used more than {self.limits.cpu_s}s of CPU (reward.checker_cpu_s); its worker was killed")
+        return Outcome("error", None, f"checker process died (exit code {worker.exitcode})")
+
     def close(self) -> None:
         for w in self.workers:
             w.stop()
         self.workers = []
+        self.workdir.cleanup()
 
     def __del__(self):
         try:

@@ -82,7 +82,7 @@ class Scorer:
         kinds = {c.kind for c in self.components}
         # Workers import the checkers (and math-verify) before they say ready, so no check's deadline pays for it.
         warm = sorted({checkers.CHECKERS[k].__module__ for k in kinds if k in CHECKER_KINDS}) + (["math_verify"] if "math" in kinds else [])
-        self.pool = CheckerPool(cfg.checker_workers, cfg.timeout_s, warm).wait_ready() if kinds & set(CHECKER_KINDS) else None
+        self.pool = CheckerPool.for_config(cfg, warm).wait_ready() if kinds & set(CHECKER_KINDS) else None
 
     def _checker(self, c, traces: list[Trace]) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(traces)
@@ -90,7 +90,7 @@ class Scorer:
         fn, options = checkers.CHECKERS[c.kind], checkers.options_of(c)
         for i, t in enumerate(traces):
             if t.answer is None:
-                outcomes[i] = Outcome("unparsable", 0.0, "no <answer>..</answer> block")
+                outcomes[i] = Outcome("unparsable", 0.0, checkers.NO_ANSWER)
             elif self.cfg.require_stop and not t.closed:
                 outcomes[i] = Outcome("ok", 0.0, None)  # answered but kept writing: not rewarded, or the policy drifts to never stopping
             else:
@@ -104,10 +104,10 @@ class Scorer:
         if c.kind == "likelihood":
             items = [{"prompt": t.prompt, "thought": t.thought or "", "reference": t.reference} for t in traces]
             wanted = list(range(len(traces)))
-        else:  # reward_model: reads the prompt and the answer, never the thought
+        else:  # reward_model: reads the question (not the templated prompt) and the answer, never the thought
             wanted = [i for i, t in enumerate(traces) if t.answer is not None]
-            items = [{"prompt": traces[i].prompt, "answer": traces[i].answer} for i in wanted]
-        outcomes = [Outcome("unparsable", 0.0, "no <answer>..</answer> block")] * len(traces)
+            items = [{"prompt": traces[i].question or traces[i].prompt, "answer": traces[i].answer} for i in wanted]
+        outcomes = [Outcome("unparsable", 0.0, checkers.NO_ANSWER)] * len(traces)
         try:
             values = _call(self.models[c.name], items) if items else []
         except Exception as exc:  # the model's actor failed: every trace it should have scored says so
@@ -198,7 +198,7 @@ class RewardWorker:
 
 
 def _readable(t: Trace) -> dict:
-    return {"trace_id": t.trace_id, "prompt": t.prompt, "thought": t.thought, "answer": t.answer,
+    return {"trace_id": t.trace_id, "prompt": t.prompt, "question": t.question, "thought": t.thought, "answer": t.answer,
             "reference": t.reference, "reward": t.reward, "components": t.components, "status": t.status,
             "error": t.error, "finish_reason": t.finish_reason, "policy_version": t.policy_version, "completion": t.completion}
 
