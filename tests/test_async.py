@@ -77,7 +77,7 @@ def test_async_sigkill_learner_then_resume(ray_cluster, tiny_model, cache_dir, t
     from scratchpad.cluster.train import train
 
     cfg = small_config(cache_dir, "run.steps=6", "run.checkpoint_every=3", "run.keep_checkpoints=5", "run.eval_every=0",
-                       "task.eval_size=8", "reward.format_weight=0.5", "learner.max_staleness=1")
+                       "task.eval_size=8", "reward.format_weight=0.5", "learner.max_staleness=1", "run.max_restarts=0")
     run = tmp_path / "run"
     killed = threading.Event()
     killer = threading.Thread(target=kill_learner_after, args=(run, 4, killed), daemon=True)

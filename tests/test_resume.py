@@ -31,7 +31,8 @@ def kill_learner_after(run_dir, step, done: threading.Event, timeout=300):
 def test_sigkill_learner_then_resume(ray_cluster, tiny_model, cache_dir, tmp_path):
     from scratchpad.cluster.train import train
 
-    cfg = small_config(cache_dir, "run.steps=6", "run.checkpoint_every=3", "run.keep_checkpoints=5",
+    # run.max_restarts=0: the run stops at the kill (within the run the learner would restart, tests/test_chaos.py)
+    cfg = small_config(cache_dir, "run.steps=6", "run.checkpoint_every=3", "run.keep_checkpoints=5", "run.max_restarts=0",
                        "run.eval_every=0", "task.eval_size=8", "reward.format_weight=0.5")
     run = tmp_path / "run"
     killed = threading.Event()
