@@ -1,15 +1,16 @@
 """Our rollout actor's tokens/s against bare vLLM `LLM.generate`, same model, batch and sampling, in one run.
 
-    python bench/rollout.py [--models tiny smollm2-135m-instruct] [--repeats 7] [--threads 2]
+    python bench/rollout.py [--models tiny smollm2-135m-instruct] [--repeats N] [--threads 2]
 
 Ours: `RolloutWorker` hosted in a Ray actor, called as the training loop calls it (`generate.remote(prompts)`), timed
 to the moment its groups are in the object store (`ray.wait(fetch_local=False)`: what the loop waits for before the
 reward actor reads them) and, besides, to `ray.get` in the driver. Bare: `LLM.generate` in this process on the same
 formatted prompts, with the same engine settings (fp32, enforce_eager, prefix caching, seed, max_model_len) and the
 same sampling (n, temperature, top_p, max_tokens, `logprobs=0`: the sampled token's logprob, which training needs).
-Both sides use the same thread count (VLLM_CPU_OMP_THREADS_BIND=nobind) and get a warm-up call. Each repeat draws
-fresh prompts and runs both sides back to back, alternating which goes first; the ratio is per pair, then the median.
-A last pass inside the actor splits our time into engine, tokenising, decoding, parsing, Trace packing and Ray.
+Both sides use the same thread count (VLLM_CPU_OMP_THREADS_BIND=nobind), the same sampler seed (so they sample the
+same tokens: equal token counts per pair) and a warm-up call. Each repeat draws fresh prompts and runs both sides back
+to back, alternating which goes first; the ratio (wall and CPU seconds) is per pair, then the median and spread.
+A last, profiled call inside the actor splits ours into vLLM, our engine wrapper, the worker's Python and Ray.
 Each model runs in its own child process (one vLLM engine per process and side). Prints one JSON line.
 """
 from __future__ import annotations
@@ -27,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, provenance, spread  # noqa: E402
 
 SMOLLM = "smollm2-135m-instruct"
-# Per model: prompts per call, alternating pairs, breakdown rounds. SmolLM2 runs ~300 tok/s here
-# (notes/real-model.md), so 8 x 8 x 96 is ~20 s a call; the tiny model does 16 x 8 in well under a second.
-DEFAULTS = {"tiny": (16, 7, 3), SMOLLM: (8, 3, 1)}
+# Per model: prompts per call and alternating pairs. SmolLM2 runs ~300 tok/s on an idle machine here
+# (notes/real-model.md), so 8 x 8 x 96 is ~20 s a call; the tiny model does 16 x 8 in about a second.
+DEFAULTS = {"tiny": (16, 21), SMOLLM: (8, 3)}
 
 
 def model_path(model: str, config: str, smollm_dir: Path) -> str:
@@ -118,90 +119,99 @@ def texts_for(cfg, tok, prompts: list) -> tuple[list[str], bool]:
     return texts, ours == theirs
 
 
-def time_ours(actor, prompts: list) -> dict:
+def cpu_seconds(process) -> float:
+    """user + system CPU seconds of a process, all its threads."""
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def time_ours(actor, prompts: list, process) -> dict:
+    """`process`: the rollout actor's (psutil), whose CPU time the call uses."""
     import ray
 
     from scratchpad.common.records import unpack_ids
 
+    cpu = cpu_seconds(process)
     started = time.perf_counter()
     ref = actor.generate.remote(prompts)
     ray.wait([ref], fetch_local=False)
     stored = time.perf_counter() - started
+    cpu = cpu_seconds(process) - cpu
     groups = ray.get(ref)
     fetched = time.perf_counter() - started
     tokens = sum(len(unpack_ids(t.completion_ids)) for g in groups for t in g.traces)
-    return {"tokens": tokens, "seconds": stored, "seconds_with_get": fetched}
+    return {"tokens": tokens, "seconds": stored, "seconds_with_get": fetched, "cpu_s": cpu}
 
 
-def time_bare(llm, texts: list[str], params) -> dict:
+def time_bare(llm, texts: list[str], params, process) -> dict:
+    cpu = cpu_seconds(process)
     started = time.perf_counter()
     outputs = llm.generate(texts, params, use_tqdm=False)
     seconds = time.perf_counter() - started
-    return {"tokens": sum(len(c.token_ids) for o in outputs for c in o.outputs), "seconds": seconds}
+    return {"tokens": sum(len(c.token_ids) for o in outputs for c in o.outputs), "seconds": seconds, "cpu_s": cpu_seconds(process) - cpu}
 
 
-def _inside(worker, prompts: list, rounds: int) -> dict:
-    """Runs in the rollout actor: our generate call whole, the engine alone, and a profile of the whole call."""
+PROFILED = {  # label -> (file suffix, function): the pieces of one RolloutWorker.generate call
+    "worker": ("actors/rollout.py", "generate"), "engine_wrapper": ("actors/engines.py", "generate"),
+    "vllm": ("entrypoints/llm.py", "generate"), "tokenise": ("tokenization_utils_base.py", "__call__"),
+    "decode": ("tokenization_utils_base.py", "decode"), "parse_completion": ("actors/formatting.py", "parse_completion"),
+    "pack_ids": ("common/records.py", "pack_ids"), "pack_logprobs": ("common/records.py", "pack_logprobs"),
+}
+
+
+def _inside(worker, prompts: list) -> dict:
+    """Runs in the rollout actor: one RolloutWorker.generate call under cProfile; keeps its groups for _echo."""
     import cProfile
-    import pickle
     import pstats
 
-    r = worker.cfg.rollout
-    ids = [worker.tokenizer(worker.format(p), add_special_tokens=not worker.chat)["input_ids"] for p in prompts]
-    whole, engine, store = [], [], []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        groups = worker.generate(prompts)
-        whole.append(time.perf_counter() - started)
-        started = time.perf_counter()
-        worker.engine.generate(ids, r.n, r.temperature, r.top_p, r.max_new_tokens)
-        engine.append(time.perf_counter() - started)
-        started = time.perf_counter()
-        payload = pickle.dumps(groups, protocol=5)  # what Ray's serialiser does for plain Python objects
-        store.append(time.perf_counter() - started)
     profile = cProfile.Profile()
-    profile.runcall(worker.generate, prompts)
+    worker._bench_groups = profile.runcall(worker.generate, prompts)
     stats = pstats.Stats(profile).stats
-    wanted = {"LLM.generate": ("entrypoints/llm.py", "generate"), "VLLMEngine.generate": ("actors/engines.py", "generate"),
-              "tokenizer.__call__": ("tokenization_utils_base.py", "__call__"), "tokenizer.decode": ("tokenization_utils_base.py", "decode"),
-              "format (prompt text)": ("actors/rollout.py", "format"), "parse_completion": ("actors/formatting.py", "parse_completion"),
-              "pack_ids": ("common/records.py", "pack_ids"), "pack_logprobs": ("common/records.py", "pack_logprobs"),
-              "RolloutWorker.generate": ("actors/rollout.py", "generate")}
-    profiled = {}
-    for label, (suffix, func) in wanted.items():
+    out = {}
+    for label, (suffix, func) in PROFILED.items():
         hits = [v for (file, _, name), v in stats.items() if file.endswith(suffix) and name == func]
-        profiled[label] = {"calls": sum(h[1] for h in hits), "cumulative_s": round(sum(h[3] for h in hits), 4)}
-    return {"whole_s": whole, "engine_s": engine, "pickle_s": store, "payload_bytes": len(payload), "profile": profiled}
+        out[label] = {"calls": sum(h[1] for h in hits), "s": round(sum(h[3] for h in hits), 4)}
+    return out
 
 
-def breakdown(actor, prompts: list, rounds: int, ours_e2e: list[float]) -> dict:
-    """Where our time goes: engine (vLLM + logprob extraction), the worker's own Python (tokenise, decode, parse,
-    Trace, pack), and Ray (call, serialisation into the object store), medians over `rounds`."""
+def _echo(worker):
+    """Runs in the rollout actor: returns the groups of the profiled call, so a round trip costs Ray alone."""
+    return worker._bench_groups
+
+
+def breakdown(actor, prompts: list, trips: int = 5) -> dict:
+    """Where one of our calls spends its time, from one profiled call (cProfile inflates the Python parts a little):
+    vLLM's LLM.generate, our engine wrapper around it (TokensPrompt, per-token logprob extraction), the worker's own
+    Python (tokenise, decode, parse, Trace, pack), and Ray: the median round trip of a call returning the same
+    groups (dispatch + serialisation into the object store + fetch), which is what Ray adds to a generate call."""
     import statistics
 
     import ray
 
-    inside = ray.get(actor.__ray_call__.remote(_inside, prompts, rounds))
-    whole, engine = statistics.median(inside["whole_s"]), statistics.median(inside["engine_s"])
-    e2e = statistics.median(ours_e2e)
-    return {
-        "engine_s": round(engine, 4), "worker_python_s": round(whole - engine, 4), "ray_s": round(e2e - whole, 4),
-        "whole_in_actor_s": round(whole, 4), "end_to_end_s": round(e2e, 4),
-        "pickle_s": round(statistics.median(inside["pickle_s"]), 4), "payload_kib": round(inside["payload_bytes"] / 1024, 1),
-        "profile_one_call": inside["profile"],
-        "note": "engine_s and whole_in_actor_s are separate calls with different samples; profile times include cProfile's overhead",
-    }
+    prof = ray.get(actor.__ray_call__.remote(_inside, prompts))
+    seconds = []
+    for _ in range(trips):
+        started = time.perf_counter()
+        ray.get(actor.__ray_call__.remote(_echo))
+        seconds.append(time.perf_counter() - started)
+    worker, wrapper, vllm = prof["worker"]["s"], prof["engine_wrapper"]["s"], prof["vllm"]["s"]
+    ray_s = statistics.median(seconds)
+    total = worker + ray_s
+    parts = {"vllm_generate_s": vllm, "engine_wrapper_s": round(wrapper - vllm, 4), "worker_python_s": round(worker - wrapper, 4),
+             "ray_round_trip_s": round(ray_s, 4)}
+    return {**parts, "share": {k: round(v / total, 4) for k, v in parts.items()}, "profiled_call": prof}
 
 
 def measure(args) -> dict:
     """One model, in this process: both sides up, warm, then `repeats` alternating pairs on fresh prompts."""
+    import psutil
     import ray
 
     from scratchpad.actors.tasks import train_stream
     from scratchpad.common.config import load_config
 
     model = args.one
-    prompts_per_call, repeats, rounds = (given or default for given, default in zip((args.prompts, args.repeats, args.breakdown_rounds), DEFAULTS[model]))
+    prompts_per_call, repeats = args.prompts or DEFAULTS[model][0], args.repeats or DEFAULTS[model][1]
     path = model_path(model, args.config, Path(args.smollm_dir))
     cfg = load_config(args.config, [f"model.path={path}", f"run.threads_per_actor={args.threads}", f"rollout.n={args.samples}",
                                     f"rollout.max_new_tokens={args.max_new_tokens}", f"rollout.kv_cache_gib={args.kv_cache_gib}",
@@ -219,13 +229,15 @@ def measure(args) -> dict:
     batch = lambda: [next(stream) for _ in range(prompts_per_call)]  # noqa: E731
     warm = batch()
     warm_texts, same_ids = texts_for(cfg, tok, warm)
-    time_ours(actor, warm), time_bare(llm, warm_texts, params)  # logprob kernels compile on first use
+    pid = ray.get(actor.__ray_call__.remote(lambda worker: os.getpid()))
+    theirs, here = psutil.Process(pid), psutil.Process()
+    time_ours(actor, warm, theirs), time_bare(llm, warm_texts, params, here)  # logprob kernels compile on first use
     setup_s = time.time() - started
     pairs = []
     for k in range(repeats):
         prompts = batch()
         texts, _ = texts_for(cfg, tok, prompts)
-        sides = [("ours", lambda: time_ours(actor, prompts)), ("bare", lambda: time_bare(llm, texts, params))]
+        sides = [("ours", lambda: time_ours(actor, prompts, theirs)), ("bare", lambda: time_bare(llm, texts, params, here))]
         row = {name: run() for name, run in (sides if k % 2 == 0 else sides[::-1])}
         row["first"] = "ours" if k % 2 == 0 else "bare"
         pairs.append(row)
@@ -237,10 +249,12 @@ def measure(args) -> dict:
         "setup_s": round(setup_s, 1),
         "rollout_vs_bare_vllm": spread([tps(p["ours"]) / tps(p["bare"]) for p in pairs]),
         "rollout_with_get_vs_bare_vllm": spread([tps(p["ours"], "seconds_with_get") / tps(p["bare"]) for p in pairs]),
+        # CPU time is less disturbed by other processes than wall time (though OpenMP spin-waits inflate it under load)
+        "rollout_vs_bare_vllm_per_cpu_s": spread([tps(p["ours"], "cpu_s") / tps(p["bare"], "cpu_s") for p in pairs]),
         "ours_tokens_per_s": spread([tps(p["ours"]) for p in pairs]),
         "bare_tokens_per_s": spread([tps(p["bare"]) for p in pairs]),
         "tokens_per_call": spread([float(p["bare"]["tokens"]) for p in pairs]),
-        "breakdown": breakdown(actor, batch(), rounds, [p["ours"]["seconds"] for p in pairs]),
+        "breakdown": breakdown(actor, batch()),
     }
     ray.shutdown()
     return result
@@ -256,7 +270,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="alternating pairs (default: 7 tiny, 3 SmolLM2)")
     parser.add_argument("--threads", type=int, default=2, help="torch/OMP threads on both sides")
     parser.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache of each engine (VLLM_CPU_KVCACHE_SPACE)")
-    parser.add_argument("--breakdown-rounds", type=int, default=None, help="calls timed inside the actor for the breakdown (default: 3 tiny, 1 SmolLM2)")
     parser.add_argument("--smollm-dir", default=str(Path(tempfile.gettempdir()) / "scratchpad-bench" / SMOLLM),
                         help="where the SmolLM2 fallback build is written (and reused)")
     parser.add_argument("--one", choices=sorted(DEFAULTS), help=argparse.SUPPRESS)  # the child process: one model
@@ -270,8 +283,8 @@ def main() -> None:
     for model in args.models:
         child = [sys.executable, __file__, "--one", model, "--config", args.config, "--samples", str(args.samples),
                  "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads), "--kv-cache-gib", str(args.kv_cache_gib),
-                 "--smollm-dir", args.smollm_dir, *[x for flag, value in (("--prompts", args.prompts), ("--repeats", args.repeats),
-                 ("--breakdown-rounds", args.breakdown_rounds)) if value for x in (flag, str(value))]]
+                 "--smollm-dir", args.smollm_dir, *[x for flag, value in (("--prompts", args.prompts), ("--repeats", args.repeats))
+                                                    if value for x in (flag, str(value))]]
         done = subprocess.run(child, stdout=subprocess.PIPE, text=True)
         if done.returncode != 0:
             raise SystemExit(f"bench/rollout.py: error: the {model} side failed (exit {done.returncode}); its log is above")

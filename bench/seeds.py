@@ -42,7 +42,7 @@ def run_cells(args, checkpoints: list[tuple[str, str]], shots: list[int], log) -
                 for k in shots:
                     started = time.time()
                     overrides = ["task.name=array_access", "task.min_len=3", "task.max_len=10", f"task.mode={mode}",
-                                 *([f"task.shots={k}"] if has_shots() else []), *args.set]
+                                 f"task.shots={k}", *args.set]
                     cfg, _ = eval_config(checkpoint, args.config, overrides, args.samples, args.eval_size)
                     out = Path(args.out) / name / f"{mode}-{k}shot"
                     result = run_eval(cfg, out, args.samples, [1, args.samples], rerank_component(cfg, None), log=log)
@@ -52,12 +52,6 @@ def run_cells(args, checkpoints: list[tuple[str, str]], shots: list[int], log) -
     finally:
         ray.shutdown()
     return rows
-
-
-def has_shots() -> bool:
-    from scratchpad.common.config import TaskConfig
-
-    return "shots" in TaskConfig.model_fields
 
 
 def tables(rows: list[dict], samples: int) -> str:
@@ -127,9 +121,6 @@ def main() -> None:
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     checkpoints = [tuple(c.split("=", 1)) if "=" in c else (Path(c).name, c) for c in args.checkpoints]
     shots = [int(s) for s in args.shots.split(",")]
-    if not has_shots() and any(shots):
-        log("task.shots is not in the config schema (common/config.py): running 0 shots only")
-        shots = [0]
     rows = run_cells(args, checkpoints, shots, log)
     out = Path(args.out)
     (out / "seeds.md").write_text(tables(rows, args.samples))
