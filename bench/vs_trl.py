@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, provenance  # noqa: E402
+from _common import ROOT, provenance, spread  # noqa: E402
 
 LOSS = {"token_mean": "dapo", "seq_mean": "grpo", "seq_sum": "dr_grpo"}  # scratchpad aggregation -> TRL loss_type
 
@@ -252,6 +252,32 @@ def compare(ours: dict, trl: dict, gain: float) -> dict:
     }
 
 
+class LoadSampler:
+    """The machine's 1-minute load average every `every` seconds while a side runs: a side measured under a load far
+    from the other's is not comparable with it (on a shared 2-core machine, step times moved 10x with load)."""
+
+    def __init__(self, every: float = 10.0):
+        import threading
+
+        self.every, self.samples, self.stop = every, [], threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.every):
+            self.samples.append(os.getloadavg()[0])
+
+    def __enter__(self) -> "LoadSampler":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def summary(self) -> dict:
+        return spread(self.samples) if self.samples else {}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
@@ -277,7 +303,9 @@ def main() -> None:
     _, path = resolve(args)  # builds (or finds) the shared model before either side's clock starts
     sides = {}
     for name in (["trl", "scratchpad"] if args.trl_first else ["scratchpad", "trl"]):
-        sides[name] = run_trl(args, out, path) if name == "trl" else run_scratchpad(args, out)
+        with LoadSampler() as load:
+            sides[name] = run_trl(args, out, path) if name == "trl" else run_scratchpad(args, out)
+        sides[name]["load_1min"] = load.summary()
     result = {"benchmark": "vs_trl", **compare(sides["scratchpad"], sides["trl"], args.gain), "steps": args.steps,
               "eval_every": args.eval_every, "order": list(sides), "scratchpad": sides["scratchpad"], "trl": sides["trl"],
               "wall_s": round(time.time() - started, 1), **info, "load_1min_at_end": round(os.getloadavg()[0], 2)}

@@ -110,12 +110,16 @@ def test_checkpoint_and_k_resolution(tmp_path):
         parse_ks("16", 8)
 
 
-def test_user_mistakes_are_one_line(tiny_model, tmp_path, capsys):
+def test_user_mistakes_are_one_line(tmp_path, capsys):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")  # the component name is checked before any model loads
     assert main(["eval", str(tmp_path / "nowhere")]) == 2
-    assert main(["eval", tiny_model, "--rerank", "verifier"]) == 2
+    assert main(["eval", str(tmp_path / "model"), "--rerank", "verifier"]) == 2
+    assert main(["eval", str(tmp_path / "model"), "--samples", "4", "--k", "8"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"scratchpad: error: eval: no such checkpoint {tmp_path / 'nowhere'}",
-                   "scratchpad: error: eval: --rerank verifier: no such reward component (have: correct, format)"]
+                   "scratchpad: error: eval: --rerank verifier: no such reward component (have: correct, format)",
+                   "scratchpad: error: eval: --k 8: each k must lie in 1..--samples (4)"]
 
 
 @pytest.mark.integration
