@@ -170,7 +170,10 @@ def _inside(worker, prompts: list) -> dict:
     out = {}
     for label, (suffix, func) in PROFILED.items():
         hits = [v for (file, _, name), v in stats.items() if file.endswith(suffix) and name == func]
-        out[label] = {"calls": sum(h[1] for h in hits), "s": round(sum(h[3] for h in hits), 4)}
+        # calls made by the worker itself (vLLM's detokeniser calls decode once per token inside vllm's time)
+        mine = [c for h in hits for (file, _, name), c in h[4].items() if file.endswith("actors/rollout.py") and name == "generate"]
+        out[label] = {"calls": sum(h[1] for h in hits), "s": round(sum(h[3] for h in hits), 4),
+                      "calls_by_worker": sum(c[1] for c in mine), "s_by_worker": round(sum(c[3] for c in mine), 4)}
     return out
 
 

@@ -1,6 +1,7 @@
 """The algorithms against hand-computed values, in float64."""
 import math
 
+import pytest
 import torch
 
 from scratchpad.learner.algorithms import (
@@ -9,7 +10,15 @@ from scratchpad.learner.algorithms import (
     value_loss_per_token,
 )
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """Every test in this file computes in float64; the default goes back after each, so no other file inherits it."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)
 
 
 def test_grpo_advantages_by_hand():
