@@ -81,6 +81,8 @@ def eval_config(checkpoint: str, config: str | None, overrides: list[str], sampl
     cfg = load_config(config or default_config, overrides)
     if samples < 0:
         raise ConfigError(f"eval: --samples must be 0 (greedy only) or more (got {samples})")
+    # The checkpoint is the model: the preset it was built from and the cold start it had are history, not to redo.
+    cfg.model.preset, cfg.coldstart.steps = None, 0
     cfg.model.path = str(model.resolve())  # validate_assignment checks each field's bounds
     if samples:
         cfg.rollout.n = samples
@@ -130,8 +132,8 @@ def eval_actors(cfg: ExperimentConfig):
         rewarders = [ray.remote(RewardWorker).options(num_cpus=cfg.reward.cpus_per_actor, runtime_env=env).remote(
             cfg.reward, None, cfg.rollout.max_new_tokens, judges, path) for _ in range(cfg.reward.num_actors)]
         actors += rewarders
-        ray.get([a.__ray_ready__.remote() for a in actors])
-        yield SimpleNamespace(rollouts=rollouts, rewarders=rewarders)
+        gather([a.__ray_ready__.remote() for a in actors], cfg.run.stall_timeout_s, "start-up: the engine and reward actors")
+        yield SimpleNamespace(rollouts=rollouts, rewarders=rewarders, stall_s=cfg.run.stall_timeout_s)
     finally:
         for actor in actors:
             try:
@@ -140,6 +142,16 @@ def eval_actors(cfg: ExperimentConfig):
                 pass
         if started_ray:
             ray.shutdown()
+
+
+def gather(refs: list, stall_s: float, what: str) -> list:
+    """ray.get of every ref, failing with one line naming `what` when none finishes within `stall_s` seconds."""
+    waiting = list(refs)
+    while waiting:
+        done, waiting = ray.wait(waiting, num_returns=1, timeout=stall_s)
+        if not done:
+            raise ConfigError(f"eval: {what} made no progress for {stall_s:g} s (run.stall_timeout_s); {len(waiting)} of {len(refs)} calls unfinished")
+    return ray.get(list(refs), timeout=stall_s)
 
 
 def generate_and_score(actors, prompts: list[Prompt], greedy: bool, chunks: int) -> list[Group]:
@@ -151,12 +163,12 @@ def generate_and_score(actors, prompts: list[Prompt], greedy: bool, chunks: int)
         size = max(1, -(-len(share) // chunks))
         calls += [engine.generate.remote(share[i : i + size], greedy) for i in range(0, len(share), size)]
     scored = [actors.rewarders[i % len(actors.rewarders)].score.remote(ref) for i, ref in enumerate(calls)]
-    return [g for part in ray.get(scored) for g in part]
+    return [g for part in gather(scored, actors.stall_s, "generate and score") for g in part]
 
 
 def fitting_prompts(actors, prompts: list[Prompt], max_new_tokens: int) -> tuple[list[Prompt], dict]:
     """The prompts whose tokens plus max_new_tokens fit the model's context, and a count of the others by length."""
-    counts, context = ray.get(actors.rollouts[0].prompt_tokens.remote(prompts))
+    counts, context = ray.get(actors.rollouts[0].prompt_tokens.remote(prompts), timeout=actors.stall_s)
     fits = [p for p, n in zip(prompts, counts) if n + max_new_tokens <= context]
     skipped = Counter(str(p.meta.get("length", "all")) for p, n in zip(prompts, counts) if n + max_new_tokens > context)
     return fits, {"count": len(prompts) - len(fits), "by_length": dict(skipped), "context_tokens": context,

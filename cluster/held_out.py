@@ -59,7 +59,7 @@ class Evaluations:
                 return
             self.pending.pop(0)
             try:
-                groups = ray.get(call)
+                groups = ray.get(call, timeout=self.cluster.cfg.run.stall_timeout_s)  # finished: ray.wait said so
             except ACTOR_DIED:  # the evaluation's engine or scorer died; Ray restarts it and the evaluation runs again
                 self.report.log(f"evaluation of step {step}: its actor died; evaluating again")
                 self.start(step, published)

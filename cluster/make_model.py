@@ -130,11 +130,18 @@ def make_model(cfg: ExperimentConfig, force: bool = False, log=print) -> Path:
     if (target / "build.json").exists() and not force:
         return target
     started = time.time()
-    torch.manual_seed(cfg.model.tiny.seed)
-    tokenizer = build_tokenizer()
-    model = build_random_model(cfg, tokenizer)
-    log(f"building tiny model ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) into {target}")
-    losses = warm_start(cfg, model, tokenizer, log)
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(cfg.model.tiny.warmstart_threads)  # reductions split by thread count: fix it
+    torch.use_deterministic_algorithms(True)
+    try:
+        torch.manual_seed(cfg.model.tiny.seed)
+        tokenizer = build_tokenizer()
+        model = build_random_model(cfg, tokenizer)
+        log(f"building tiny model ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) into {target}")
+        losses = warm_start(cfg, model, tokenizer, log)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
     info = {
         "key": model_key(cfg),
         "parameters": sum(p.numel() for p in model.parameters()),

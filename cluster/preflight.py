@@ -72,11 +72,13 @@ def _notes(field: str, c: dict) -> list[str]:
 
 def fingerprint(cfg: ExperimentConfig) -> dict[str, Any]:
     """The fields that shape a checkpoint: loading one written under other values fails or silently mismatches."""
-    shape = {"model.path": cfg.model.path, "model.dtype": cfg.model.dtype, "learner.algorithm": cfg.learner.algorithm,
+    shape = {"model.path": cfg.model.path, "model.preset": cfg.model.preset, "model.dtype": cfg.model.dtype, "learner.algorithm": cfg.learner.algorithm,
              "learner.ranks": cfg.learner.ranks, "learner.zero_stage": cfg.learner.zero_stage,
              "critic": cfg.learner.algorithm == "ppo"}
-    if cfg.model.path is None:
+    if cfg.model.path is None and cfg.model.preset is None:
         shape |= {f"model.tiny.{k}": v for k, v in cfg.model.tiny.model_dump().items()}
+    if cfg.coldstart.steps:  # the reference policy (KL) is the cold-started model: another cold start is another reference
+        shape |= {f"coldstart.{k}": v for k, v in cfg.coldstart.model_dump(exclude={"threads"}).items()}
     return shape
 
 

@@ -20,7 +20,7 @@ from scratchpad.actors.tasks import eval_set, train_stream
 from scratchpad.cluster.held_out import Evaluations
 from scratchpad.cluster.make_model import resolve_model
 from scratchpad.cluster.preflight import fits_model, inspect_model
-from scratchpad.cluster.pipeline import ACTOR_DIED, Production, Restarts, RestartBudget, RunHalted, merge_stats
+from scratchpad.cluster.pipeline import ACTOR_DIED, Production, Restarts, RestartBudget, RunHalted, StallError, get_or_stall, merge_stats
 from scratchpad.cluster.progress import StepReporter, check_wandb
 from scratchpad.cluster.report import write_outputs, write_report
 from scratchpad.cluster.run import Cluster, run_identity
@@ -42,7 +42,8 @@ class Timer:
 
 def on_learners(cluster: Cluster, method: str, *args) -> list:
     """Call `method` on every learner rank at once (collective operations need all of them) and wait."""
-    return ray.get([getattr(rank, method).remote(*args) for rank in cluster.learners], timeout=cluster.cfg.run.stall_timeout_s)
+    return get_or_stall([getattr(rank, method).remote(*args) for rank in cluster.learners], cluster.cfg.run.stall_timeout_s,
+                        method, "the learner")
 
 
 def merge_learned(parts: list[dict]) -> dict:
@@ -83,15 +84,16 @@ def train_step(cluster: Cluster, production: Production) -> dict:
     while len(production.poll(timeout=1.0, extra=calls[:1])) == 0:
         production.top_up()
         if time.time() - started > cluster.cfg.run.stall_timeout_s:
-            raise TimeoutError(f"train: learner made no progress for {cluster.cfg.run.stall_timeout_s:g} s")
-    return merge_learned(ray.get(calls, timeout=cluster.cfg.run.stall_timeout_s))
+            raise StallError(f"train: the learner made no progress for {time.time() - started:.0f} s "
+                             f"(run.stall_timeout_s={cluster.cfg.run.stall_timeout_s:g})")
+    return merge_learned(get_or_stall(calls, cluster.cfg.run.stall_timeout_s, "train", "the learner"))
 
 
 def publish(cluster: Cluster) -> tuple:
     """One object-store put of the learner's weights (rank 0's return value), for every reader. Every rank is called:
     under ZeRO-3 gathering them is a collective."""
     published, *others = [rank.weights.remote() for rank in cluster.learners]
-    ray.get(others, timeout=cluster.cfg.run.stall_timeout_s)
+    get_or_stall(others, cluster.cfg.run.stall_timeout_s, "publish", "the learner")
     return published
 
 
@@ -102,7 +104,7 @@ def sync_weights(cluster: Cluster, published, wait: bool, production: Production
     loads = [(r.update_weights.remote(published), i) for i, r in enumerate(cluster.rollouts)]
     for ref, engine in loads if wait else ():
         try:
-            ray.get(ref, timeout=cluster.cfg.run.stall_timeout_s)
+            get_or_stall(ref, cluster.cfg.run.stall_timeout_s, "sync", f"rollout actor {engine}")
         except ACTOR_DIED:
             if production is None:
                 raise
@@ -211,7 +213,8 @@ def run_steps(cfg: ExperimentConfig, cluster: Cluster, run_dir: Path, runlog: Ru
         done = step - 1
         if isinstance(exc, RunHalted):
             report.log(f"halting: {exc}")
-        production.drain(timeout=60.0)  # what is being generated is scored and pushed: the resumed run trains it
+        # What is being generated is scored and pushed: the resumed run trains it. A stalled stage will not finish.
+        production.drain(timeout=5.0 if isinstance(exc, StallError) else 60.0)
         if not learner_died(cluster) and ray.get(cluster.learner.policy_version.remote(), timeout=cfg.run.stall_timeout_s) == done:
             report.log(f"stopping: checkpoint at step {done}")
             on_learners(cluster, "save_checkpoint", str(run_dir / "checkpoints"), cfg.run.keep_checkpoints)

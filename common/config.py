@@ -35,6 +35,7 @@ class TinyModelConfig(_Section):
     warmstart_batch: int = Field(32, ge=1, le=4096, description="Examples per supervised step.")
     warmstart_lr: float = Field(3e-3, gt=0, le=1, description="Peak learning rate of the warm start (AdamW, linear decay).")
     warmstart_direct_fraction: float = Field(0.0, ge=0, le=1, description="Share of warm-start examples that answer at once, with no scratchpad (cot mode only); RL then decides when to think.")
+    warmstart_threads: int = Field(2, ge=1, le=256, description="torch threads of the warm start, fixed (not the machine's core count) with deterministic kernels, so a build repeats where the CPU's kernels agree.")
     seed: int = Field(0, ge=0, description="Seed for weights and warm-start data; the cache key includes it.")
 
 
@@ -162,6 +163,7 @@ class LikelihoodComponent(_Component):
     centre: bool = Field(True, description="Subtract the group's mean, so only the thought's effect is rewarded.")
     batch_size: int = Field(32, ge=1, le=4096, description="Sequences per forward pass.")
     num_cpus: float = Field(0.0, ge=0, le=256, description="Ray CPUs reserved for the scorer model's actor.")
+    timeout_s: float = Field(300.0, gt=0, le=86400, description="Seconds one call to this component's actor may take; past it the traces of that call are marked error (a run where every trace errs stops with one line).")
 
 
 class RewardModelComponent(_Component):
@@ -174,6 +176,7 @@ class RewardModelComponent(_Component):
     max_length: int = Field(512, ge=8, le=32768, description="Longest input in tokens; longer ones keep their end.")
     batch_size: int = Field(32, ge=1, le=4096, description="Sequences per forward pass.")
     num_cpus: float = Field(0.0, ge=0, le=256, description="Ray CPUs reserved for the reward model's actor.")
+    timeout_s: float = Field(300.0, gt=0, le=86400, description="Seconds one call to this component's actor may take; past it the traces of that call are marked error (a run where every trace errs stops with one line).")
 
 
 class JudgeComponent(_Component):
@@ -202,6 +205,7 @@ class JudgeComponent(_Component):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of the GPU's memory the judge's vLLM engine may take (GPU backend).")
     num_cpus: float = Field(0.0, ge=0, le=256, description="Ray CPUs reserved for the judge's actor.")
     num_gpus: float = Field(0.0, ge=0, le=8, description="Ray GPUs reserved for the judge's actor.")
+    timeout_s: float = Field(300.0, gt=0, le=86400, description="Seconds one call to this component's actor may take; past it the traces of that call are marked error (a run where every trace errs stops with one line).")
 
 
 Component = Annotated[

@@ -28,11 +28,11 @@ def instruction_of(trace: Trace) -> str:
     return (trace.question or trace.prompt).strip()
 
 
-def _complete(engine: Any, texts: list[str], temperature: float, max_new_tokens: int) -> list[str]:
+def _complete(engine: Any, texts: list[str], temperature: float, max_new_tokens: int, timeout: float) -> list[str]:
     if hasattr(engine.complete, "remote"):
         import ray
 
-        return ray.get(engine.complete.remote(texts, temperature, max_new_tokens))
+        return ray.get(engine.complete.remote(texts, temperature, max_new_tokens), timeout=timeout)
     return engine.complete(texts, temperature, max_new_tokens)
 
 
@@ -84,7 +84,7 @@ class Judge:
             if not todo:
                 break
             temperature = self.c.temperature if attempt == 0 else max(self.c.temperature, RETRY_TEMPERATURE)
-            replies = _complete(self.engine, [texts[i] for i in todo], temperature, self.c.max_new_tokens)
+            replies = _complete(self.engine, [texts[i] for i in todo], temperature, self.c.max_new_tokens, self.c.timeout_s)
             self.asked += len(todo)
             still = []
             for i, reply in zip(todo, replies):

@@ -48,12 +48,12 @@ def centre_by_group(values: list[float], group_ids: list[str], ok: list[bool]) -
     return [v - sum(sums[g]) / len(sums[g]) if good else 0.0 for v, g, good in zip(values, group_ids, ok)]
 
 
-def _call(model: Any, items: list[dict]) -> list[float]:
-    """A model scorer in this process, or one in its own Ray actor (a handle)."""
+def _call(model: Any, items: list[dict], timeout: float) -> list[float]:
+    """A model scorer in this process, or one in its own Ray actor (a handle), waited for at most `timeout` seconds."""
     if hasattr(model.score, "remote"):
         import ray
 
-        return ray.get(model.score.remote(items))
+        return ray.get(model.score.remote(items), timeout=timeout)
     return model.score(items)
 
 
@@ -109,7 +109,7 @@ class Scorer:
             items = [{"prompt": traces[i].question or traces[i].prompt, "answer": traces[i].answer} for i in wanted]
         outcomes = [Outcome("unparsable", 0.0, checkers.NO_ANSWER)] * len(traces)
         try:
-            values = _call(self.models[c.name], items) if items else []
+            values = _call(self.models[c.name], items, c.timeout_s) if items else []
         except Exception as exc:  # the model's actor failed: every trace it should have scored says so
             return [Outcome("error", 0.0, f"{type(exc).__name__}: {exc}"[:500])] * len(traces)
         for i, v in zip(wanted, values):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from scratchpad.common.config import dump_config, load_config
+from scratchpad.common.config import ConfigError, dump_config, load_config
 
 ROOT = Path(__file__).parent.parent
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
@@ -212,6 +212,10 @@ def test_resume_with_a_config_of_another_shape_names_the_fields(tmp_path):
     assert_one_line(result, f"--resume {run}", "learner.algorithm ('grpo' -> 'ppo')", "critic (False -> True)")
     result, _ = scratchpad("train", "--resume", str(run), "learner.zero_stage=2", "learner.ranks=2", tmp_path=tmp_path)
     assert_one_line(result, "learner.ranks (1 -> 2)", "learner.zero_stage (0 -> 2)")
+    with pytest.raises(ConfigError, match=r"model.preset \(None -> 'smollm2-135m-instruct'\)"):
+        check_fingerprint(load_config(run / "config.yaml", ["model.preset=smollm2-135m-instruct"]), run)
+    with pytest.raises(ConfigError, match=r"coldstart.steps \(None -> 20\)"):  # another cold start is another reference policy
+        check_fingerprint(load_config(run / "config.yaml", ["coldstart.steps=20"]), run)
     (run / "checkpoints" / FINGERPRINT).unlink()  # a run from before fingerprints: its config.yaml stands in
     result, _ = scratchpad("train", "--resume", str(run), "model.tiny.hidden_size=256", tmp_path=tmp_path)
     assert_one_line(result, "model.tiny.hidden_size (128 -> 256)")

@@ -61,15 +61,17 @@ def _cfg(cache_dir, *extra):
                         "reward.format_weight=0.5", "run.checkpoint_every=2", "run.keep_checkpoints=3", *extra)
 
 
-def test_rollout_actor_killed_async(ray_cluster, tiny_model, cache_dir, tmp_path):
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_rollout_actor_killed(ray_cluster, tiny_model, cache_dir, tmp_path, staleness):
     """Ray restarts the rollout actor; it loads the newest weights and its unfinished prompts are sampled again."""
-    summary = chaos_run(_cfg(cache_dir, "learner.max_staleness=1"), tmp_path / "run", 2, "ray::RolloutWorker.generate")
+    summary = chaos_run(_cfg(cache_dir, f"learner.max_staleness={staleness}"), tmp_path / "run", 2, "ray::RolloutWorker.generate")
     assert summary["groups_trained"] == 6 * 4
 
 
-def test_reward_actor_killed_sync(ray_cluster, tiny_model, cache_dir, tmp_path):
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_reward_actor_killed(ray_cluster, tiny_model, cache_dir, tmp_path, staleness):
     """Ray restarts the reward actor and the chunk it held is scored again."""
-    summary = chaos_run(_cfg(cache_dir), tmp_path / "run", 2, "ray::RewardWorker.score_and_push")
+    summary = chaos_run(_cfg(cache_dir, f"learner.max_staleness={staleness}"), tmp_path / "run", 2, "ray::RewardWorker.score_and_push")
     assert summary["groups_trained"] == 6 * 4
 
 
@@ -78,3 +80,51 @@ def test_learner_killed_restarts_from_checkpoint(ray_cluster, tiny_model, cache_
     """The driver restarts the learner from the newest checkpoint; it replays exactly the pending entries."""
     summary = chaos_run(_cfg(cache_dir, f"learner.max_staleness={staleness}"), tmp_path / "run", 3, "ray::Learner")
     assert summary["groups_trained"] >= 6 * 4
+
+
+def test_a_hung_rollout_actor_is_named_and_the_run_stops_resumable(ray_cluster, tiny_model, cache_dir, tmp_path):
+    """SIGSTOP freezes the rollout actor (a hang, not a death: Ray sees nothing wrong). The stall watchdog names the
+    stage and the actor, the run stops with a checkpoint, and a resume finishes it with the books balanced."""
+    import os
+    import signal
+
+    from scratchpad.cluster.pipeline import StallError
+    from scratchpad.cluster.train import train
+
+    cfg, run = _cfg(cache_dir, "run.stall_timeout_s=10", "run.checkpoint_every=1"), tmp_path / "run"
+    frozen: dict = {}
+
+    def freeze():
+        deadline = time.time() + 300
+        while time.time() < deadline and not frozen:
+            trained = run / "trained.jsonl"
+            if trained.exists() and trained.read_text().strip():
+                for proc in psutil.Process().children(recursive=True):
+                    try:
+                        if " ".join(proc.cmdline()).startswith("ray::RolloutWorker"):
+                            os.kill(proc.pid, signal.SIGSTOP)
+                            frozen.update(pid=proc.pid, at=time.time())
+                    except psutil.NoSuchProcess:
+                        pass
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=freeze, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(StallError, match=r"^generate: rollout actor 0 made no progress for 1\d s \(run.stall_timeout_s=10\)"):
+            train(cfg, run, log=lambda *_: None)
+    finally:
+        thread.join()
+        if frozen:  # teardown killed it; make sure nothing stays stopped either way
+            try:
+                os.kill(frozen["pid"], signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    assert frozen, "no rollout actor was frozen"
+    done = [json.loads(line)["step"] for line in (run / "trained.jsonl").read_text().splitlines()]
+    assert done and (run / "checkpoints" / f"step-{done[-1]}").is_dir(), "the stop checkpointed the last recorded step"
+    summary = train(cfg, run, resume=True, log=lambda *_: None)
+    trained = [json.loads(line) for line in (run / "trained.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in trained] == list(range(1, cfg.run.steps + 1))
+    ids = [g for r in trained for g in r["groups"]]
+    assert len(ids) == len(set(ids)) and summary["invariant_holds"]
