@@ -1,6 +1,6 @@
 """Greedy held-out accuracy of a model as it is, and with the completion's first token forced to think or to answer.
 
-    python bench/first_token.py MODEL_DIR [MODEL_DIR ...] [--config configs/quickstart.yaml]
+    python bench/first_token.py MODEL_DIR [MODEL_DIR ...] [--config configs/quickstart.yaml] [--set key=value ...]
 
 Splits a policy's accuracy into what it would get by always thinking and by always answering at once: on the
 quickstart, the difference between "as is" and "forced <think>" is what learning when to think can add.
@@ -20,8 +20,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+", help="Hugging Face model directories (e.g. a run's final/ or a cached tiny model)")
     parser.add_argument("--config", default="configs/quickstart.yaml", help="config whose task and rollout settings to use")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. task.max_len=14 (repeatable)")
     args = parser.parse_args()
-    cfg = load_config(args.config, ["run.threads_per_actor=2"])
+    cfg = load_config(args.config, ["run.threads_per_actor=2", *args.set])
     held_out = eval_set(cfg.task)
     for path in args.models:
         worker = RolloutWorker(cfg, path)
