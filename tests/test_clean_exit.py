@@ -17,7 +17,7 @@ def test_sigterm_checkpoints_stops_everything_and_resumes(tiny_model, cache_dir,
     run_dir = tmp_path / "run"
     overrides = [
         f"model.cache_dir={cache_dir}", "model.tiny.hidden_size=64", "model.tiny.num_heads=2", "model.tiny.num_layers=2",
-        "model.tiny.intermediate_size=256", "model.tiny.warmstart_steps=150", "model.tiny.warmstart_direct_fraction=0", "task.max_len=5", "task.eval_size=8",
+        "model.tiny.intermediate_size=256", "model.tiny.warmstart_steps=150", "model.tiny.warmstart_direct_fraction=0", "task.min_len=3", "task.max_len=5", "task.eval_size=8",
         "rollout.prompts_per_step=2", "rollout.n=2", "rollout.max_new_tokens=32", "run.steps=8", "run.eval_every=0", "run.num_cpus=2",
     ]
     env = {**os.environ, "SCRATCHPAD_CACHE": str(cache_dir)}

@@ -70,7 +70,7 @@ def test_train_that_cannot_fit_exits_2_with_one_line(tiny_model, cache_dir, tmp_
     result = subprocess.run(
         [sys.executable, "-m", "scratchpad.cluster.cli", "train", "configs/quickstart.yaml", "--run-dir", str(tmp_path / "run"),
          f"model.cache_dir={cache_dir}", "model.tiny.hidden_size=64", "model.tiny.num_heads=2", "model.tiny.num_layers=2",
-         "model.tiny.intermediate_size=256", "model.tiny.warmstart_steps=150", "model.tiny.warmstart_direct_fraction=0", "task.max_len=5",
+         "model.tiny.intermediate_size=256", "model.tiny.warmstart_steps=150", "model.tiny.warmstart_direct_fraction=0", "task.min_len=3", "task.max_len=5",
          "rollout.num_engines=3", "run.num_cpus=2"],
         cwd=root, env={**os.environ, "SCRATCHPAD_CACHE": str(cache_dir)}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-3000:]

@@ -105,7 +105,7 @@ def test_submit_runs_on_the_cluster_with_metrics_and_report(ray_head, tiny_model
     submitted = _cli(["submit", "configs/quickstart.yaml", "--address", dashboard, "--run-dir", str(run_dir),
                       f"model.cache_dir={cache_dir}", "model.tiny.hidden_size=64", "model.tiny.num_heads=2",
                       "model.tiny.num_layers=2", "model.tiny.intermediate_size=256", "model.tiny.warmstart_steps=150", "model.tiny.warmstart_direct_fraction=0",
-                      "task.max_len=5", "task.eval_size=8", "rollout.prompts_per_step=2", "rollout.n=2",
+                      "task.min_len=3", "task.max_len=5", "task.eval_size=8", "rollout.prompts_per_step=2", "rollout.n=2",
                       "rollout.max_new_tokens=32", "run.steps=6", "run.eval_every=3", "run.sample_traces=2"], env)
     assert submitted.returncode == 0, submitted.stderr[-3000:]
     job = re.search(r"submitted job (\S+)", submitted.stdout).group(1)
