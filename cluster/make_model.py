@@ -89,6 +89,15 @@ def build_random_model(cfg: ExperimentConfig, tokenizer):
     return LlamaForCausalLM(config)
 
 
+def direct_share(tiny, step: int) -> float:
+    """The share of bare answers at warm-start `step`: the fraction, or a linear ramp with that mean."""
+    f = tiny.warmstart_direct_fraction
+    if tiny.warmstart_direct_schedule == "constant" or tiny.warmstart_steps <= 1:
+        return f
+    low, high = (0.0, 2 * f) if f <= 0.5 else (2 * f - 1, 1.0)
+    return low + (high - low) * step / (tiny.warmstart_steps - 1)
+
+
 def warm_start(cfg: ExperimentConfig, model, tokenizer, log=print) -> list[float]:
     """Supervised steps on worked scratchpads; loss on completion tokens only. Returns the loss curve."""
     import torch
@@ -105,7 +114,7 @@ def warm_start(cfg: ExperimentConfig, model, tokenizer, log=print) -> list[float
         for _ in range(tiny.warmstart_batch):
             question, answer, _ = make(rng, cfg.task.min_len, cfg.task.max_len)
             prompt_ids = tokenizer(plain_prompt(question))["input_ids"]
-            mode = "direct" if rng.random() < tiny.warmstart_direct_fraction else cfg.task.mode
+            mode = "direct" if rng.random() < direct_share(tiny, step) else cfg.task.mode
             done = target_completion(mode, worked_thought(cfg.task.name, question), answer)
             completion_ids = tokenizer(done, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             rows.append((prompt_ids, completion_ids))

@@ -35,6 +35,10 @@ class TinyModelConfig(_Section):
     warmstart_batch: int = Field(32, ge=1, le=4096, description="Examples per supervised step.")
     warmstart_lr: float = Field(3e-3, gt=0, le=1, description="Peak learning rate of the warm start (AdamW, linear decay).")
     warmstart_direct_fraction: float = Field(0.0, ge=0, le=1, description="Share of warm-start examples that answer at once, with no scratchpad (cot mode only); RL then decides when to think.")
+    warmstart_direct_schedule: Literal["constant", "ramp"] = Field("constant", description=(
+        "How the share of bare answers is spread over the warm start: constant, or a linear ramp with the same mean "
+        "(from 0 to 2 x the fraction, or from 2 x the fraction - 1 to 1), so the scratchpad is learned early, at the "
+        "high learning rate, and the habit of answering at once last."))
     warmstart_threads: int = Field(2, ge=1, le=256, description="torch threads of the warm start, fixed (not the machine's core count) with deterministic kernels, so a build repeats where the CPU's kernels agree.")
     seed: int = Field(0, ge=0, description="Seed for weights and warm-start data; the cache key includes it.")
 
