@@ -112,6 +112,12 @@ class _Component(_Section):
     weight: float = Field(1.0, ge=-100, le=100, description="Multiplier of this component's value in the trace's reward (a weighted sum).")
 
 
+class _ActorComponent(_Component):
+    """A component whose model runs in its own Ray actor: each call to it is bounded in time."""
+
+    timeout_s: float = Field(300.0, gt=0, le=86400, description="Seconds one call to this component's actor may take; past it the traces of that call are marked error (a run where every trace errs stops with one line).")
+
+
 class ExactComponent(_Component):
     """1 if the answer equals the reference after normalisation (case, surrounding and repeated whitespace)."""
 
@@ -156,7 +162,7 @@ class OverlongComponent(_Component):
     cache_tokens: int = Field(16, ge=1, le=1_000_000, description="L_cache, the width of the linear ramp before max_tokens.")
 
 
-class LikelihoodComponent(_Component):
+class LikelihoodComponent(_ActorComponent):
     """Quiet-STaR style: log p(reference | prompt, thought) under a scorer model, minus the group's mean. Needs no checker."""
 
     kind: Literal["likelihood"] = Field(description="Log-likelihood of the reference answer given the thought, centred per group.")
@@ -167,10 +173,9 @@ class LikelihoodComponent(_Component):
     centre: bool = Field(True, description="Subtract the group's mean, so only the thought's effect is rewarded.")
     batch_size: int = Field(32, ge=1, le=4096, description="Sequences per forward pass.")
     num_cpus: float = Field(0.0, ge=0, le=256, description="Ray CPUs reserved for the scorer model's actor.")
-    timeout_s: float = Field(300.0, gt=0, le=86400, description="Seconds one call to this component's actor may take; past it the traces of that call are marked error (a run where every trace errs stops with one line).")
 
 
-class RewardModelComponent(_Component):
+class RewardModelComponent(_ActorComponent):
     """A sequence-classification reward model (e.g. one `scratchpad train-rm` made) scores prompt and answer."""
 
     kind: Literal["reward_model"] = Field(description="Scalar score of an AutoModelForSequenceClassification with one label.")
@@ -180,10 +185,9 @@ class RewardModelComponent(_Component):
     max_length: int = Field(512, ge=8, le=32768, description="Longest input in tokens; longer ones keep their end.")
     batch_size: int = Field(32, ge=1, le=4096, description="Sequences per forward pass.")
     num_cpus: float = Field(0.0, ge=0, le=256, description="Ray CPUs reserved for the reward model's actor.")
-    timeout_s: float = Field(300.0, gt=0, le=86400, description="Seconds one call to this component's actor may take; past it the traces of that call are marked error (a run where every trace errs stops with one line).")
 
 
-class JudgeComponent(_Component):
+class JudgeComponent(_ActorComponent):
     """An LLM judge on its own engine actor. It sees only the instruction (the prompt) and the response (the answer),
     never the thought. Pointwise: a score parsed from its reply, scaled to [0, 1]. Pairwise: each response's win rate
     against the others of its group, both orders asked (n(n-1) judge calls per group)."""
@@ -209,7 +213,6 @@ class JudgeComponent(_Component):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of the GPU's memory the judge's vLLM engine may take (GPU backend).")
     num_cpus: float = Field(0.0, ge=0, le=256, description="Ray CPUs reserved for the judge's actor.")
     num_gpus: float = Field(0.0, ge=0, le=8, description="Ray GPUs reserved for the judge's actor.")
-    timeout_s: float = Field(300.0, gt=0, le=86400, description="Seconds one call to this component's actor may take; past it the traces of that call are marked error (a run where every trace errs stops with one line).")
 
 
 Component = Annotated[

@@ -1,6 +1,8 @@
 """A process killed with SIGKILL mid-run costs seconds, not the run: the same command finishes, its books balance and
 no group is trained twice. One test per process kind; each prints the wall time its kill cost (docs/RELIABILITY.md)."""
 import json
+import os
+import signal
 import statistics
 import threading
 import time
@@ -13,9 +15,9 @@ from conftest import small_config
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
 
-def kill_when(run_dir, step: int, title: str, record: dict, timeout=300):
-    """After `step` is recorded, SIGKILL one process of this session whose title starts with `title` (Ray names an
-    actor's process ray::Class and, while a method runs, ray::Class.method)."""
+def kill_when(run_dir, step: int, title: str, record: dict, timeout=300, sig=signal.SIGKILL):
+    """After `step` is recorded, send `sig` (SIGKILL) to one process of this session whose title starts with `title`
+    (Ray names an actor's process ray::Class and, while a method runs, ray::Class.method)."""
     trained = run_dir / "trained.jsonl"
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -23,7 +25,7 @@ def kill_when(run_dir, step: int, title: str, record: dict, timeout=300):
             for proc in psutil.Process().children(recursive=True):
                 try:
                     if proc.name().startswith(title) or " ".join(proc.cmdline()).startswith(title):
-                        proc.kill()
+                        proc.send_signal(sig)
                         record.update(at=time.time(), pid=proc.pid, title=title)
                         return
                 except psutil.NoSuchProcess:
@@ -85,30 +87,12 @@ def test_learner_killed_restarts_from_checkpoint(ray_cluster, tiny_model, cache_
 def test_a_hung_rollout_actor_is_named_and_the_run_stops_resumable(ray_cluster, tiny_model, cache_dir, tmp_path):
     """SIGSTOP freezes the rollout actor (a hang, not a death: Ray sees nothing wrong). The stall watchdog names the
     stage and the actor, the run stops with a checkpoint, and a resume finishes it with the books balanced."""
-    import os
-    import signal
-
     from scratchpad.cluster.pipeline import StallError
     from scratchpad.cluster.train import train
 
     cfg, run = _cfg(cache_dir, "run.stall_timeout_s=10", "run.checkpoint_every=1"), tmp_path / "run"
     frozen: dict = {}
-
-    def freeze():
-        deadline = time.time() + 300
-        while time.time() < deadline and not frozen:
-            trained = run / "trained.jsonl"
-            if trained.exists() and trained.read_text().strip():
-                for proc in psutil.Process().children(recursive=True):
-                    try:
-                        if " ".join(proc.cmdline()).startswith("ray::RolloutWorker"):
-                            os.kill(proc.pid, signal.SIGSTOP)
-                            frozen.update(pid=proc.pid, at=time.time())
-                    except psutil.NoSuchProcess:
-                        pass
-            time.sleep(0.01)
-
-    thread = threading.Thread(target=freeze, daemon=True)
+    thread = threading.Thread(target=kill_when, args=(run, 1, "ray::RolloutWorker", frozen), kwargs={"sig": signal.SIGSTOP}, daemon=True)
     thread.start()
     try:
         with pytest.raises(StallError, match=r"^(generate|sync): rollout actor 0 made no progress for \d+ s \(run.stall_timeout_s=10\)"):
