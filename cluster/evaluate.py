@@ -132,7 +132,8 @@ def eval_actors(cfg: ExperimentConfig):
         rewarders = [ray.remote(RewardWorker).options(num_cpus=cfg.reward.cpus_per_actor, runtime_env=env).remote(
             cfg.reward, None, cfg.rollout.max_new_tokens, judges, path) for _ in range(cfg.reward.num_actors)]
         actors += rewarders
-        gather([a.__ray_ready__.remote() for a in actors], cfg.run.stall_timeout_s, "start-up: the engine and reward actors")
+        gather([a.__ray_ready__.remote() for a in actors], cfg.run.startup_timeout_s, "start-up: the engine and reward actors",
+               "run.startup_timeout_s")
         yield SimpleNamespace(rollouts=rollouts, rewarders=rewarders, stall_s=cfg.run.stall_timeout_s)
     finally:
         for actor in actors:
@@ -144,13 +145,14 @@ def eval_actors(cfg: ExperimentConfig):
             ray.shutdown()
 
 
-def gather(refs: list, stall_s: float, what: str) -> list:
-    """ray.get of every ref, failing with one line naming `what` when none finishes within `stall_s` seconds."""
+def gather(refs: list, stall_s: float, what: str, field: str = "run.stall_timeout_s") -> list:
+    """ray.get of every ref, failing with one line naming `what` (and the config `field` that bounds it) when none
+    finishes within `stall_s` seconds."""
     waiting = list(refs)
     while waiting:
         done, waiting = ray.wait(waiting, num_returns=1, timeout=stall_s)
         if not done:
-            raise ConfigError(f"eval: {what} made no progress for {stall_s:g} s (run.stall_timeout_s); {len(waiting)} of {len(refs)} calls unfinished")
+            raise ConfigError(f"eval: {what} made no progress for {stall_s:g} s ({field}); {len(waiting)} of {len(refs)} calls unfinished")
     return ray.get(list(refs), timeout=stall_s)
 
 

@@ -28,12 +28,13 @@ class StallError(RunHalted):
     """A stage made no progress within run.stall_timeout_s."""
 
 
-def get_or_stall(refs, timeout: float, stage: str, who: str):
-    """ray.get of `refs`; past `timeout` seconds, a StallError naming the stage and the actor instead of Ray's timeout."""
+def get_or_stall(refs, timeout: float, stage: str, who: str, field: str = "run.stall_timeout_s"):
+    """ray.get of `refs`; past `timeout` seconds (the config's `field`), a StallError naming the stage and the actor
+    instead of Ray's timeout."""
     try:
         return ray.get(refs, timeout=timeout)
     except ray.exceptions.GetTimeoutError:
-        raise StallError(f"{stage}: {who} made no progress for {timeout:.0f} s (run.stall_timeout_s={timeout:g})") from None
+        raise StallError(f"{stage}: {who} made no progress for {timeout:.0f} s ({field}={timeout:g})") from None
 
 
 class ScorerFailure(RunHalted):

@@ -19,6 +19,7 @@ import ray
 from scratchpad.common.buffer import BufferAddress, EmbeddedRedis, RedisBuffer
 from scratchpad.common.config import ExperimentConfig
 from scratchpad.cluster.metrics import RayMetrics
+from scratchpad.cluster.pipeline import get_or_stall
 from scratchpad.cluster.placement import model_role, release, reserve, strategy
 
 
@@ -164,7 +165,8 @@ class Cluster:
         self.learners = self.start_learners(self.resume_from)
         self.actors = [*self.rollouts, *([self.evaluator] if self.evaluator else []), *self.reward_models.values(), *self.rewarders,
                        self.eval_rewarder]
-        ray.get([a.__ray_ready__.remote() for a in self.actors], timeout=cfg.run.stall_timeout_s)
+        get_or_stall([a.__ray_ready__.remote() for a in self.actors], cfg.run.startup_timeout_s, "start-up",
+                     "the rollout and reward actors", "run.startup_timeout_s")
         self.pin_roles(("rollout", "reward", "eval"))
 
     def start_learners(self, resume_from: str | None) -> list:
@@ -184,7 +186,8 @@ class Cluster:
             for rank in range(cfg.learner.ranks)
         ]
         self.learner = self.learners[0]  # publishes weights and writes the final model
-        ray.get([a.__ray_ready__.remote() for a in self.learners], timeout=cfg.run.stall_timeout_s)
+        get_or_stall([a.__ray_ready__.remote() for a in self.learners], cfg.run.startup_timeout_s, "start-up",
+                     "the learner ranks", "run.startup_timeout_s")
         self.pin_roles(("learner",))
         return self.learners
 

@@ -351,6 +351,7 @@ class RunConfig(_Section):
         "count), e.g. {rollout: [0], learner: [1]}, the way a cluster gives roles different nodes; rollout and learner "
         "cores must be disjoint. Roles left out (and eval, by default the rollout cores) share. null pins nothing."))
     eval_actor: bool = Field(True, description="Held-out evaluation on its own actor (an extra rollout worker) so training never waits for it; false evaluates on rollout actor 0 and waits.")
+    startup_timeout_s: float = Field(900.0, gt=0, le=86400, description="How long the actors (engines loading a model, learner ranks initialising DeepSpeed) may take to come up before the run fails with one line naming them; start-up is not a stall, so run.stall_timeout_s does not bound it.")
     stall_timeout_s: float = Field(600.0, gt=0, le=86400, description="A stage (generate, reward, train, sync, evaluation) that makes no progress this long stops the run with one line naming it and its actor.")
     max_restarts: int = Field(3, ge=0, le=1000, description=(
         "Restarts of each process kind (rollout actor, reward actor, learner) within run.restart_window_s before the run "
