@@ -31,20 +31,44 @@ def bucket_tensors(buckets) -> list[tuple[str, object]]:
     return out
 
 
-def _quiet_rotary_reload() -> None:
-    """vLLM's in-place reload warns "RotaryEmbedding: Failed to load weights" on every load: the rotary layer's cos/sin
-    cache is a buffer no checkpoint holds, and vLLM puts it back as it was. Drop that one line; keep every other."""
+def _quiet_reload(tied: bool) -> None:
+    """vLLM's in-place reload warns "<Layer>: Failed to load weights" for every layer that no checkpoint tensor
+    reaches, and puts that layer's tensors back as they were. Two are expected: the rotary layer (its cos/sin cache is
+    a buffer no checkpoint holds) and, with tied embeddings, the output layer (its weight is the embedding's, which
+    `_retie_lm_head` hands back to it after the reload). Drop those lines; keep every other."""
     import logging
 
     log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
-    if not any(getattr(f, "scratchpad", False) for f in log.filters):
-        class Rotary(logging.Filter):
-            scratchpad = True
+    quiet = next((f for f in log.filters if getattr(f, "scratchpad", False)), None)
+    if quiet is None:
+        class Expected(logging.Filter):
+            scratchpad, layers = True, {"RotaryEmbedding"}
 
             def filter(self, record):
-                return not (record.getMessage().startswith("RotaryEmbedding:") and "Failed to load weights" in record.getMessage())
+                message = record.getMessage()
+                return not ("Failed to load weights" in message and message.split(":")[0] in self.layers)
 
-        log.addFilter(Rotary())
+        quiet = Expected()
+        log.addFilter(quiet)
+    if tied:
+        quiet.layers.add("ParallelLMHead")
+
+
+def _retie_lm_head(worker) -> bool:
+    """Run inside vLLM's worker after `reload_weights`, for a model whose output layer shares the input embedding.
+
+    The reload skips `lm_head.weight` (vLLM's loader drops it for tied models: it is `embed_tokens.weight`), finds no
+    tensor loaded into the output layer and puts its pre-reload tensors back as a fallback: the tie breaks, and the
+    model keeps scoring tokens with the old embedding (on CPU also through the old packed copy the GEMM kernel made
+    of it), while it reads the new one. Measured on SmolLM2-135M: after a reload with a changed embedding, vLLM's
+    greedy tokens no longer matched HF's. Tie it again and redo the output layer's post-load processing."""
+    model = worker.model_runner.get_model()
+    lm_head, embed = getattr(model, "lm_head", None), getattr(getattr(model, "model", None), "embed_tokens", None)
+    if lm_head is None or embed is None or not hasattr(lm_head, "quant_method"):
+        return False
+    lm_head.weight = embed.weight
+    lm_head.quant_method.process_weights_after_loading(lm_head)
+    return True
 
 
 @dataclass
@@ -99,8 +123,11 @@ class VLLMEngine:
         return result
 
     def load_weights(self, named_tensors):
-        _quiet_rotary_reload()
+        tied = bool(getattr(self.llm.llm_engine.model_config.hf_text_config, "tie_word_embeddings", False))
+        _quiet_reload(tied)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
+        if tied:
+            self.llm.collective_rpc(_retie_lm_head)
         # Prefix caching would otherwise serve KV computed under the old weights.
         self.llm.reset_prefix_cache()
 

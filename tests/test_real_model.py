@@ -42,6 +42,15 @@ def _greedy_hf(model, prompts: list[list[int]], max_tokens: int) -> list[list[in
     return out
 
 
+def published(model) -> list:
+    """The weights as the learner publishes them (learner/publish.py buckets: a tied tensor travels once, under its
+    first name) and a rollout actor reads them back."""
+    from scratchpad.actors.engines import bucket_tensors
+    from scratchpad.learner.publish import buckets_of
+
+    return bucket_tensors(buckets_of(list(model.state_dict().items()), 64 * 2**20))
+
+
 def test_vllm_follows_an_update_exactly_like_hf(smollm2, cache_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -64,14 +73,23 @@ def test_vllm_follows_an_update_exactly_like_hf(smollm2, cache_dir):
     optim = torch.optim.AdamW(model.parameters(), lr=3e-4)
     model(**batch, labels=batch["input_ids"]).loss.backward()
     optim.step()
-    engine.load_weights(list(model.state_dict().items()))
+    engine.load_weights(published(model))
     after = [s[0].token_ids for s in engine.generate(prompts, 1, 0.0, 1.0, 32)]
     reference = _greedy_hf(model.eval(), prompts, 32)
+    # SmolLM2 ties its output layer to the input embedding, which vLLM's reload does not reload by itself: change the
+    # embedding alone, far, and the output layer must follow it (actors/engines._retie_lm_head).
+    with torch.no_grad():
+        model.model.embed_tokens.weight.add_(0.05 * torch.randn(model.model.embed_tokens.weight.shape, generator=torch.Generator().manual_seed(0)))
+    engine.load_weights(published(model))
+    tied_after = [s[0].token_ids for s in engine.generate(prompts[:4], 1, 0.0, 1.0, 16)]
+    tied_reference = _greedy_hf(model, prompts[:4], 16)
     del engine
     torch.set_num_threads(threads)
     assert len(prompts) >= 20
     assert after == reference, "vLLM's greedy completions differ from HF's under the same updated weights"
     assert after != before, "the update changed no greedy completion: the comparison would pass without a reload"
+    assert tied_after == tied_reference, "after a new embedding, vLLM's tied output layer kept the old one"
+    assert tied_after != after[:4] and tied_after != [r[:16] for r in after[:4]], "the new embedding changed nothing"
 
 
 def test_cold_start_learns_the_format_and_is_cached(smollm2, cache_dir):
