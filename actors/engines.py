@@ -105,6 +105,8 @@ class VLLMEngine:
             enforce_eager=enforce_eager,
             **({"gpu_memory_utilization": gpu_memory_utilization} if gpu else {}),
         )
+        # An output layer tied to the input embedding needs re-tying after every weight load (_retie_lm_head).
+        self.tied = bool(getattr(self.llm.llm_engine.model_config.hf_text_config, "tie_word_embeddings", False))
 
     def generate(self, prompts, n, temperature, top_p, max_tokens):
         from vllm import SamplingParams
@@ -123,10 +125,9 @@ class VLLMEngine:
         return result
 
     def load_weights(self, named_tensors):
-        tied = bool(getattr(self.llm.llm_engine.model_config.hf_text_config, "tie_word_embeddings", False))
-        _quiet_reload(tied)
+        _quiet_reload(self.tied)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
-        if tied:
+        if self.tied:
             self.llm.collective_rpc(_retie_lm_head)
         # Prefix caching would otherwise serve KV computed under the old weights.
         self.llm.reset_prefix_cache()
