@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,6 +32,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, wait
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from scratchpad.rewards.checkers import Unparsable
@@ -162,13 +164,41 @@ def _worker_env() -> dict[str, str]:
     return env
 
 
+_DIR_PREFIX = "scratchpad-checkers-"
+
+
+def _sweep_orphans(root: str | None = None) -> int:
+    """Remove the working directories of pools whose process is gone. A reward actor that Ray kills (SIGKILL at
+    shutdown, a chaos kill) never runs its cleanup, so each would leave one directory, and what its checkers wrote,
+    in the temp dir for good. The owner's pid is in the name; a directory whose pid no longer runs is an orphan."""
+    removed = 0
+    for path in Path(root or tempfile.gettempdir()).glob(f"{_DIR_PREFIX}*-*"):
+        pid = path.name[len(_DIR_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive, and not ours to touch
+        return True
+    return True
+
+
 class CheckerPool:
     """`size` worker processes; `run` spreads jobs over them and returns one Outcome per job, in order."""
 
     def __init__(self, size: int, timeout_s: float, warm: Sequence[str] = (), limits: Limits | None = None):
         self.timeout_s, self.warm, self.limits = timeout_s, tuple(warm), limits or Limits.of()
         self.size = size
-        self.workdir = tempfile.TemporaryDirectory(prefix="scratchpad-checkers-")  # what a checker writes lands here
+        _sweep_orphans()
+        self.workdir = tempfile.TemporaryDirectory(prefix=f"{_DIR_PREFIX}{os.getpid()}-")  # what a checker writes lands here
         self.workers = [self._new_worker() for _ in range(size)]
         self.replaced = 0  # workers killed on timeout or found dead, over the pool's life
 

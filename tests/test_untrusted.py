@@ -98,3 +98,29 @@ def test_hostile_checks_get_a_status_and_the_pool_goes_on(tmp_path, monkeypatch)
         assert [resource.getrlimit(r) for r in (resource.RLIMIT_AS, resource.RLIMIT_FSIZE, resource.RLIMIT_CPU)] == own_limits
     finally:
         pool.close()
+
+
+def test_a_killed_pools_directory_is_removed_by_the_next_pool(tmp_path, monkeypatch):
+    """A reward actor killed with SIGKILL never cleans up; the next pool on the machine removes what it left."""
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    owner = subprocess.Popen([sys.executable, "-c", "import os, signal; from scratchpad.rewards.sandbox import CheckerPool; "
+                              "pool = CheckerPool(1, timeout_s=60); open(os.path.join(pool.workdir.name, 'left.txt'), 'w').write('x'); "
+                              "print(pool.workdir.name, flush=True); os.kill(os.getpid(), signal.SIGKILL)"],
+                             env={**os.environ, "TMPDIR": str(tmp_path)}, stdout=subprocess.PIPE, text=True)
+    orphan = owner.stdout.readline().strip()
+    assert owner.wait(timeout=60) == -signal.SIGKILL and os.path.exists(os.path.join(orphan, "left.txt"))
+    foreign = tmp_path / "scratchpad-checkers-notapid"  # not named by a pool of this version: left alone
+    foreign.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    first = CheckerPool(1, timeout_s=60)
+    second = CheckerPool(1, timeout_s=60)  # a live pool's directory survives another pool's sweep
+    try:
+        assert not os.path.exists(orphan) and foreign.exists() and os.path.isdir(first.workdir.name)
+    finally:
+        first.close()
+        second.close()
+    assert not os.path.exists(first.workdir.name) and not os.path.exists(second.workdir.name)
