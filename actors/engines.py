@@ -102,6 +102,9 @@ class VLLMEngine:
             max_model_len=max_model_len,
             enable_prefix_caching=True,
             disable_log_stats=True,
+            # log p of each sampled token under the distribution it was drawn from (after temperature and top-p),
+            # which is the policy the learner trains: raw logprobs would be those of temperature 1
+            logprobs_mode="processed_logprobs",
             enforce_eager=enforce_eager,
             **({"gpu_memory_utilization": gpu_memory_utilization} if gpu else {}),
         )
@@ -164,10 +167,11 @@ class HFEngine:
             out = self.model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=sample,
                 temperature=temperature if sample else None, top_p=top_p if sample else None, top_k=None,
-                pad_token_id=pad, output_logits=True, return_dict_in_generate=True,
+                pad_token_id=pad, output_scores=True, return_dict_in_generate=True,
             )
         new = out.sequences[:, width:]
-        logps = torch.stack(out.logits, dim=1).float().log_softmax(-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        # scores are the logits after temperature and top-p: log p under the distribution each token was drawn from
+        logps = torch.stack(out.scores, dim=1).float().log_softmax(-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
         result = []
         for r in range(len(rows)):
             toks = new[r].tolist()

@@ -71,7 +71,7 @@ class Trace(msgspec.Struct):
     prompt_ids: bytes  # (P,) int32 prompt token ids, BOS included (pack_ids / unpack_ids)
     completion: str  # decoded completion text, EOS excluded
     completion_ids: bytes  # (C,) int32 sampled token ids, EOS included when the model stopped
-    logprobs: bytes  # (C,) float32 sampler's log p(token) for each completion id, unmodified distribution
+    logprobs: bytes  # (C,) float32 sampler's log p(token) for each completion id, under the distribution it was drawn from (temperature, top-p applied)
     finish_reason: str  # "stop" (EOS) or "length" (hit max_new_tokens)
     policy_version: int  # weights version that sampled this trace
     reference: str  # reference answer from the prompt

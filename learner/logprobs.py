@@ -5,6 +5,10 @@ A causal LM's `forward` returns logits for every position: (b, W, V) floats, 1.9
 head runs over chunks of `chunk_tokens` real tokens at a time inside activation checkpointing, so only one chunk's
 (chunk, V) logits exist at once, in the forward and again in the backward. Entropy comes from the same chunk's
 logits, under no_grad unless its gradient is wanted (entropy_coef > 0).
+
+With a sampling temperature T the policy is softmax(logits / T): the distribution the rollouts were drawn from and
+the one the engines report log p under (vLLM's processed logprobs, HF's processed scores). Training the T = 1
+policy on T = 0.7 samples instead would be off-policy by the temperature, with nothing to correct it.
 """
 from __future__ import annotations
 
@@ -12,10 +16,13 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 
-def _chunk(head, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None, entropy: bool, entropy_grad: bool):
+def _chunk(head, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None, entropy: bool, entropy_grad: bool,
+           temperature: float):
     logits = head(hidden).float()  # (n, V), upcast: half-precision log-softmax loses the small probabilities
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
+    if temperature != 1.0:
+        logits = logits / temperature
     lse = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
     if not entropy:
@@ -26,9 +33,11 @@ def _chunk(head, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | N
 
 
 def completion_logprobs(model, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
-                        mask: torch.Tensor, chunk_tokens: int = 1024, entropy: bool = False, entropy_grad: bool = False):
+                        mask: torch.Tensor, chunk_tokens: int = 1024, entropy: bool = False, entropy_grad: bool = False,
+                        temperature: float = 1.0):
     """(b, C) log p(targets) predicted from `positions` (b, C) of input_ids (b, W), 0 where mask is 0; and the
-    (b, C) entropy there when `entropy` (else None). `model` is a Hugging Face causal LM (or a module wrapping one)."""
+    (b, C) entropy there when `entropy` (else None), both of softmax(logits / temperature). `model` is a Hugging
+    Face causal LM (or a module wrapping one)."""
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
     hidden = decoder(input_ids=input_ids, attention_mask=attention).last_hidden_state  # (b, W, H)
@@ -39,7 +48,8 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention: torch.Tensor,
     logp_parts, ent_parts = [], []
     grad = torch.is_grad_enabled()
     for start in range(0, rows.shape[0], chunk_tokens):
-        args = (head, rows[start : start + chunk_tokens], wanted[start : start + chunk_tokens], softcap, entropy, entropy_grad)
+        args = (head, rows[start : start + chunk_tokens], wanted[start : start + chunk_tokens], softcap, entropy, entropy_grad,
+                float(temperature))
         lp, ent = checkpoint(_chunk, *args, use_reentrant=False) if grad else _chunk(*args)
         logp_parts.append(lp)
         ent_parts.append(ent)

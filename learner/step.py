@@ -19,12 +19,15 @@ from scratchpad.learner.logprobs import completion_logprobs
 
 
 def forward(learner, model, batch: dict, rows: slice, entropy: bool = False):
-    """(b, C) log p of each completion token under `model` (0 on padding), and its entropy if asked."""
+    """(b, C) log p of each completion token under `model` (0 on padding), and its entropy if asked, at the rollouts'
+    sampling temperature (the policy they were drawn from; greedy rollouts, temperature 0, take the logits as they are)."""
     width = int(batch["lengths"][rows].max())  # trim the padding this micro-batch does not need
     module = getattr(model, "module", model)  # a DeepSpeed engine wraps the HF model
     lc = learner.cfg.learner
+    temperature = learner.cfg.rollout.temperature or 1.0
     return completion_logprobs(module, batch["input_ids"][rows, :width], batch["attention"][rows, :width], positions(batch, rows, width),
-                               batch["targets"][rows], batch["mask"][rows], lc.logprob_chunk_tokens, entropy, lc.entropy_coef > 0)
+                               batch["targets"][rows], batch["mask"][rows], lc.logprob_chunk_tokens, entropy, lc.entropy_coef > 0,
+                               temperature)
 
 
 def values(critic, batch: dict, rows: slice) -> torch.Tensor:

@@ -15,8 +15,8 @@ def model():
     return LlamaForCausalLM(cfg).float()
 
 
-def reference(model, ids, att, pos, targets, mask):
-    logits = model(input_ids=ids, attention_mask=att).logits
+def reference(model, ids, att, pos, targets, mask, temperature=1.0):
+    logits = model(input_ids=ids, attention_mask=att).logits / temperature
     picked = logits.gather(1, pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1])).float()
     logp = torch.log_softmax(picked, -1)
     chosen = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * mask
@@ -24,8 +24,8 @@ def reference(model, ids, att, pos, targets, mask):
     return chosen, entropy
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 1024])
-def test_values_and_gradients_match_full_softmax(model, chunk):
+@pytest.mark.parametrize("chunk,temperature", [(1, 1.0), (3, 1.0), (1024, 1.0), (3, 0.6)])
+def test_values_and_gradients_match_full_softmax(model, chunk, temperature):
     torch.manual_seed(1)
     ids = torch.randint(0, 301, (3, 12))
     att = torch.ones_like(ids)
@@ -35,11 +35,12 @@ def test_values_and_gradients_match_full_softmax(model, chunk):
     mask[2, 2:] = 0
     pos = (torch.tensor([4, 6, 6]).unsqueeze(1) + torch.arange(5)).clamp(max=11)
     targets = torch.randint(0, 301, (3, 5))
-    want, want_ent = reference(model, ids, att, pos, targets, mask)
+    want, want_ent = reference(model, ids, att, pos, targets, mask, temperature)
     (want.sum() + 0.3 * want_ent.sum()).backward()
     want_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    got, got_ent = completion_logprobs(model, ids, att, pos, targets, mask, chunk_tokens=chunk, entropy=True, entropy_grad=True)
+    got, got_ent = completion_logprobs(model, ids, att, pos, targets, mask, chunk_tokens=chunk, entropy=True, entropy_grad=True,
+                                           temperature=temperature)
     (got.sum() + 0.3 * got_ent.sum()).backward()
     assert torch.allclose(got, want, atol=1e-5) and torch.allclose(got_ent, want_ent, atol=1e-5)
     assert (got[mask == 0] == 0).all()

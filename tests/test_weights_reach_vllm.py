@@ -1,9 +1,25 @@
-"""After a learner update, vLLM's greedy completions equal Hugging Face's from the learner's weights (fp32)."""
+"""After a learner update, vLLM's greedy completions equal Hugging Face's from the learner's weights (fp32), and
+both engines report each sampled token's log p under the tempered distribution it was drawn from, the one the
+learner trains."""
 import pytest
 
 from conftest import small_config
 
 pytestmark = pytest.mark.integration
+TEMPERATURE = 0.6
+
+
+def teacher_forced(model, prompt_ids: list[int], completion: list[int], temperature: float):
+    """The learner's log p of each completion token (learner/logprobs.py), at `temperature`."""
+    import torch
+
+    from scratchpad.learner.logprobs import completion_logprobs
+
+    ids = torch.tensor([prompt_ids + completion])
+    positions = torch.arange(len(prompt_ids) - 1, len(prompt_ids) + len(completion) - 1).unsqueeze(0)
+    targets, mask = torch.tensor([completion]), torch.ones(1, len(completion))
+    with torch.no_grad():
+        return completion_logprobs(model, ids, torch.ones_like(ids), positions, targets, mask, temperature=temperature)[0][0]
 
 
 def test_learner_update_reaches_vllm(ray_cluster, tiny_model, cache_dir, tmp_path):
@@ -16,7 +32,7 @@ def test_learner_update_reaches_vllm(ray_cluster, tiny_model, cache_dir, tmp_pat
     from scratchpad.cluster.run import actor_env
     from scratchpad.learner.learner import Learner
 
-    cfg = small_config(cache_dir, "learner.lr=1e-2", "task.eval_size=24")
+    cfg = small_config(cache_dir, "learner.lr=1e-2", "task.eval_size=24", f"rollout.temperature={TEMPERATURE}")
     redis = EmbeddedRedis(tmp_path / "redis").start()
     env = {"env_vars": actor_env(cfg)}
     actors = []
@@ -49,6 +65,22 @@ def test_learner_update_reaches_vllm(ray_cluster, tiny_model, cache_dir, tmp_pat
         assert len(prompts) >= 20
         assert after == reference, "vLLM greedy output differs from HF greedy output under the learner's weights"
         assert after != before, "the update changed no greedy completion: the test would pass without a sync"
+
+        import torch
+
+        from scratchpad.common.records import unpack_logprobs
+
+        sampled = [t for g in ray.get(rollout.generate.remote(prompts[:6])) for t in g.traces]  # at TEMPERATURE
+        by_hf = [(ids[i], s) for i, group in enumerate(hf.generate(ids[:6], 2, TEMPERATURE, 1.0, cfg.rollout.max_new_tokens))
+                 for s in group]
+        cases = [("vllm", unpack_ids(t.prompt_ids).tolist(), unpack_ids(t.completion_ids).tolist(), unpack_logprobs(t.logprobs)) for t in sampled]
+        cases += [("hf", prompt, s.token_ids, s.logprobs) for prompt, s in by_hf]
+        for engine, prompt, completion, reported in cases:
+            reported = torch.tensor(list(reported), dtype=torch.float32)
+            tempered = teacher_forced(hf.model, prompt, completion, TEMPERATURE)
+            assert (reported - tempered).abs().max() < 1e-3, f"{engine}: sampler log p is not that of temperature {TEMPERATURE}"
+        assert sum((torch.tensor(list(r)) - teacher_forced(hf.model, p, c, 1.0)).abs().mean() > 1e-2 for _, p, c, r in cases) > len(cases) // 2, \
+            "the temperature changed nothing: the test could not tell raw from tempered log p"
     finally:
         for actor in actors:
             ray.kill(actor)
