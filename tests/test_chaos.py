@@ -15,32 +15,51 @@ from conftest import small_config
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
 
-def kill_when(run_dir, step: int, title: str, record: dict, timeout=300, sig=signal.SIGKILL):
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def kill_when(run_dir, step: int, title: str, record: dict, timeout=300, sig=signal.SIGKILL, stop: threading.Event | None = None):
     """After `step` is recorded, send `sig` (SIGKILL) to one process of this session whose title starts with `title`
-    (Ray names an actor's process ray::Class and, while a method runs, ray::Class.method)."""
+    (Ray names an actor's process ray::Class and, while a method runs, ray::Class.method). A method call can be a few
+    milliseconds long (scoring a chunk), so the actor's processes are found first and then only their titles are
+    read, every half millisecond. Gives up when `stop` is set (the run ended) or at `timeout`."""
     trained = run_dir / "trained.jsonl"
     deadline = time.time() + timeout
-    while time.time() < deadline:
-        if trained.exists() and any(json.loads(line)["step"] >= step for line in trained.read_text().splitlines()):
-            for proc in psutil.Process().children(recursive=True):
-                try:
-                    if proc.name().startswith(title) or " ".join(proc.cmdline()).startswith(title):
-                        proc.send_signal(sig)
-                        record.update(at=time.time(), pid=proc.pid, title=title)
-                        return
-                except psutil.NoSuchProcess:
-                    pass
+    ended = lambda: time.time() > deadline or (stop is not None and stop.is_set())  # noqa: E731
+    while not (trained.exists() and any(json.loads(line)["step"] >= step for line in trained.read_text().splitlines())):
+        if ended():
+            return
         time.sleep(0.01)
+    actor, pids, found_at = title.split(".")[0], [], 0.0
+    while not ended():
+        if time.time() - found_at > 0.5:  # the actor's processes (a restarted actor gets a new one)
+            pids = [p.pid for p in psutil.Process().children(recursive=True) if _cmdline(p.pid).startswith(actor)]
+            found_at = time.time()
+        for pid in pids:
+            if _cmdline(pid).startswith(title):
+                os.kill(pid, sig)
+                record.update(at=time.time(), pid=pid, title=title)
+                return
+        time.sleep(0.0005)
 
 
 def chaos_run(cfg, run, step: int, title: str):
     from scratchpad.cluster.train import train
 
     record: dict = {}
-    killer = threading.Thread(target=kill_when, args=(run, step, title, record), daemon=True)
+    stop = threading.Event()
+    killer = threading.Thread(target=kill_when, args=(run, step, title, record), kwargs={"stop": stop}, daemon=True)
     killer.start()
-    summary = train(cfg, run, log=lambda *_: None)
-    killer.join()
+    try:
+        summary = train(cfg, run, log=lambda *_: None)
+    finally:
+        stop.set()
+        killer.join()
     assert record, f"no {title} process was killed"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     trained = [json.loads(line) for line in (run / "trained.jsonl").read_text().splitlines()]
