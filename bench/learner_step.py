@@ -19,41 +19,19 @@ import cProfile
 import io
 import json
 import pstats
-import random
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from _common import ROOT, provenance  # noqa: E402
+from test_learner_equivalence import synthetic_groups  # noqa: E402  (the learner tests' batch, at quickstart lengths here)
 
 
-def groups_for(tokenizer, count: int, n: int, seed: int, tag: str, version: int):
-    from scratchpad.common.records import Group, Trace, pack_ids, pack_logprobs
-
-    rng = random.Random(seed)
-    vocab = [i for i in range(len(tokenizer)) if i not in tokenizer.all_special_ids]
-    groups = []
-    for g in range(count):
-        prompt = [rng.choice(vocab) for _ in range(rng.randint(24, 34))]
-        traces = []
-        for k in range(n):
-            completion = [rng.choice(vocab) for _ in range(rng.randint(12, 80))] + [tokenizer.eos_token_id]
-            traces.append(Trace(
-                trace_id=f"{tag}{g}:{k}", group_id=f"{tag}{g}", prompt_id=f"p{g}", prompt="p", prompt_ids=pack_ids(prompt),
-                completion="c", completion_ids=pack_ids(completion),
-                logprobs=pack_logprobs(np.array([-3.0 + rng.uniform(-0.3, 0.3) for _ in completion])),
-                finish_reason="stop", policy_version=version, reference="1", reward=float(rng.random() < 0.4),
-            ))
-        groups.append(Group(group_id=f"{tag}{g}", prompt_id=f"p{g}", policy_version=version, traces=traces, created_at=time.time()))
-    return groups
-
-
-def bare_step(model, optim, batch, clip: float, eps_low: float, eps_high: float):
+def bare_step(model, optim, batch, n: int, clip: float, eps_low: float, eps_high: float):
     """Forward over the padded batch, log p of the completion tokens, token-mean clipped surrogate, backward, step."""
     import torch
 
@@ -63,7 +41,7 @@ def bare_step(model, optim, batch, clip: float, eps_low: float, eps_high: float)
     picked = logits.gather(1, pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1])).float()
     logp = torch.log_softmax(picked, -1).gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1)
     mask = batch["mask"]
-    rewards = batch["rewards"].view(-1, 8)
+    rewards = batch["rewards"].view(-1, n)
     adv = ((rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-6)).view(-1, 1)
     ratio = torch.exp(logp - batch["old_logp"])
     loss = -torch.min(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
@@ -106,7 +84,8 @@ def main() -> None:
         optim = torch.optim.AdamW(bare.parameters(), lr=lc.lr, weight_decay=lc.weight_decay, betas=(0.9, lc.adam_beta2), eps=lc.adam_eps)
         ours, theirs, ratios, profile = [], [], [], cProfile.Profile()
         for step in range(args.steps + 2):  # two warm-up pairs
-            groups = groups_for(learner.tokenizer, cfg.rollout.prompts_per_step, cfg.rollout.n, step, f"s{step}-", learner.version)
+            groups = synthetic_groups(learner.tokenizer, cfg.rollout.prompts_per_step, cfg.rollout.n, step, f"s{step}-",
+                                      learner.version, prompt_len=(24, 34), completion_len=(12, 80))
             buffer.put(groups)
             batch = to_tensors([t for g in groups for t in g.traces], learner.pad_id, torch.device("cpu"))
             sides = ["ours", "bare"] if step % 2 == 0 else ["bare", "ours"]
@@ -120,7 +99,7 @@ def main() -> None:
                     learner.train()
                     profile.disable()
                 else:
-                    bare_step(bare, optim, batch, lc.grad_clip or float("inf"), lc.clip_low, lc.clip_high)
+                    bare_step(bare, optim, batch, cfg.rollout.n, lc.grad_clip or float("inf"), lc.clip_low, lc.clip_high)
                 took[side] = time.perf_counter() - started
             if step >= 2:
                 ours.append(took["ours"])

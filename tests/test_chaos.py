@@ -30,7 +30,10 @@ def kill_when(run_dir, step: int, title: str, record: dict, timeout=300, sig=sig
     read, every half millisecond. Gives up when `stop` is set (the run ended) or at `timeout`."""
     trained = run_dir / "trained.jsonl"
     deadline = time.time() + timeout
-    ended = lambda: time.time() > deadline or (stop is not None and stop.is_set())  # noqa: E731
+
+    def ended() -> bool:
+        return time.time() > deadline or (stop is not None and stop.is_set())
+
     while not (trained.exists() and any(json.loads(line)["step"] >= step for line in trained.read_text().splitlines())):
         if ended():
             return

@@ -12,26 +12,27 @@ from conftest import small_config
 pytestmark = pytest.mark.integration
 
 
-def synthetic_groups(tokenizer, count: int, n: int, seed: int, tag: str):
+def synthetic_groups(tokenizer, count: int, n: int, seed: int, tag: str, version: int = 0,
+                     prompt_len: tuple[int, int] = (4, 9), completion_len: tuple[int, int] = (3, 20)):
     """`count` groups of `n` traces with real token ids of varied lengths, mixed 0/1 rewards and sampler logprobs
-    near the truth, so the ratio, clip, advantages and padding all take part."""
+    near the truth, so the ratio, clip, advantages and padding all take part (bench/learner_step.py uses it too)."""
     from scratchpad.common.records import Group, Trace, pack_ids, pack_logprobs
 
     rng = random.Random(seed)
     vocab = [i for i in range(len(tokenizer)) if i not in tokenizer.all_special_ids]
     groups = []
     for g in range(count):
-        prompt = [tokenizer.bos_token_id] + [rng.choice(vocab) for _ in range(rng.randint(4, 9))]
+        prompt = [tokenizer.bos_token_id] + [rng.choice(vocab) for _ in range(rng.randint(*prompt_len))]
         traces = []
         for k in range(n):
-            completion = [rng.choice(vocab) for _ in range(rng.randint(3, 20))] + [tokenizer.eos_token_id]
+            completion = [rng.choice(vocab) for _ in range(rng.randint(*completion_len))] + [tokenizer.eos_token_id]
             traces.append(Trace(
                 trace_id=f"{tag}{g}:{k}", group_id=f"{tag}{g}", prompt_id=f"p{g}", prompt="p", prompt_ids=pack_ids(prompt),
                 completion="c", completion_ids=pack_ids(completion),
                 logprobs=pack_logprobs(np.array([-3.7 + rng.uniform(-0.3, 0.3) for _ in completion])),
-                finish_reason="stop", policy_version=0, reference="1", reward=float(rng.random() < 0.5) + 0.1 * k,
+                finish_reason="stop", policy_version=version, reference="1", reward=float(rng.random() < 0.5) + 0.1 * k,
             ))
-        groups.append(Group(group_id=f"{tag}{g}", prompt_id=f"p{g}", policy_version=0, traces=traces, created_at=time.time()))
+        groups.append(Group(group_id=f"{tag}{g}", prompt_id=f"p{g}", policy_version=version, traces=traces, created_at=time.time()))
     return groups
 
 
