@@ -29,16 +29,17 @@ class RolloutWorker:
         self.version = 0
         seed = cfg.rollout.seed + index
         gpu = cfg.rollout.gpus_per_engine > 0
+        dtype = cfg.rollout.dtype or cfg.model.dtype
         if cfg.rollout.engine == "vllm":
             from scratchpad.actors.engines import VLLMEngine
 
             max_len = self._max_model_len(model_path)
-            self.engine = VLLMEngine(model_path, cfg.model.dtype, seed, cfg.rollout.kv_cache_gib, max_len, gpu, cfg.rollout.enforce_eager,
+            self.engine = VLLMEngine(model_path, dtype, seed, cfg.rollout.kv_cache_gib, max_len, gpu, cfg.rollout.enforce_eager,
                                       cfg.rollout.gpu_memory_utilization)
         else:
             from scratchpad.actors.engines import HFEngine
 
-            self.engine = HFEngine(model_path, cfg.model.dtype, seed, gpu)
+            self.engine = HFEngine(model_path, dtype, seed, gpu)
 
     def _max_model_len(self, model_path: str) -> int:
         from transformers import AutoConfig

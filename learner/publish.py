@@ -1,7 +1,7 @@
 """Publication and checkpoints: weights for the rollout engines, the final HF model, DeepSpeed checkpoints.
 
-Weights leave rank 0 as a few flat buckets (common/records.WeightBucket): one copy out of the parameters into the
-bucket, then Ray's object store holds it once for every reader, zero-copy. A checkpoint is written under a temporary
+Weights leave rank 0 as a few buckets (common/records.WeightBucket) in one object-store put that every reader maps
+zero-copy. On a CPU learner at ZeRO 0-2 the buckets hold views of the parameters, so the put is the only copy. A checkpoint is written under a temporary
 name and renamed into place, so a crash never leaves a half-written `step-N`; only then are the entries it holds
 acknowledged.
 """
@@ -18,19 +18,29 @@ from scratchpad.common.records import WeightBucket
 from scratchpad.learner.engine import barrier, gathered
 
 
-def buckets_of(named: list[tuple[str, torch.Tensor]], bucket_bytes: int) -> list[WeightBucket]:
-    """Parameters packed back to back into buckets of about `bucket_bytes`, one dtype per bucket; a tensor shared by
-    two names (tied embeddings) travels once, under its first name."""
+def buckets_of(named: list[tuple[str, torch.Tensor]], bucket_bytes: int, copy: bool = True) -> list[WeightBucket]:
+    """Parameters grouped into buckets of about `bucket_bytes`, one dtype per bucket; a tensor shared by two names
+    (tied embeddings) travels once, under its first name. copy packs each bucket into one flat CPU buffer (off a GPU,
+    or out of parameters that are gathered only for the call); without it, a CPU tensor travels as a view of itself,
+    and the object-store put that follows is the only copy. A fresh multi-GB buffer per publication is not free: its
+    pages fault in on first touch, which measured 1.2-5.3 s for a 0.5B model's 1.8 GB here against 0.14 s for the put
+    of the views (bench/weight_sync.py)."""
     seen: set[int] = set()
     pending: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
     out: list[WeightBucket] = []
 
+    def as_numpy(tensor: torch.Tensor) -> np.ndarray:
+        return tensor.view(torch.uint16).numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy()
+
     def flush(dtype):
         items = pending.pop(dtype, [])
-        if items:
-            flat = torch.cat([t.detach().reshape(-1) for _, t in items]).to("cpu")  # one copy; one transfer off a GPU
-            array = flat.view(torch.uint16).numpy() if dtype == torch.bfloat16 else flat.numpy()
-            out.append(WeightBucket([n for n, _ in items], [list(t.shape) for _, t in items], str(dtype).removeprefix("torch."), array))
+        if not items:
+            return
+        flat = [t.detach().reshape(-1) for _, t in items]
+        if copy or any(t.device.type != "cpu" for t in flat):
+            flat = [torch.cat(flat).to("cpu")]  # one copy; one transfer off a GPU
+        out.append(WeightBucket([n for n, _ in items], [list(t.shape) for _, t in items], str(dtype).removeprefix("torch."),
+                                [as_numpy(t) for t in flat]))
 
     for name, tensor in named:
         if tensor.data_ptr() in seen:
@@ -46,12 +56,14 @@ def buckets_of(named: list[tuple[str, torch.Tensor]], bucket_bytes: int) -> list
 
 def publish(learner, every_rank: bool = False) -> tuple[int, list[WeightBucket]]:
     """(policy_version, buckets) of the policy; call it on every rank (a collective under ZeRO-3). Only rank 0
-    returns buckets unless every_rank."""
+    returns buckets unless every_rank. At ZeRO 0-2 on a CPU the buckets are views of the live parameters: the caller
+    must serialise them (Ray does, as the actor method returns) or copy them before the next step changes them."""
     with gathered(learner.engine.module):
         if learner.rank != 0 and not every_rank:
             return learner.version, []
         named = list(learner.engine.module.state_dict(keep_vars=False).items())
-        return learner.version, buckets_of(named, learner.cfg.learner.publish_bucket_mb * 2**20)
+        views = learner.cfg.learner.zero_stage < 3  # ZeRO-3's gathered parameters are gone once the context exits
+        return learner.version, buckets_of(named, learner.cfg.learner.publish_bucket_mb * 2**20, copy=not views)
 
 
 def save_pretrained(learner, directory: str) -> str:

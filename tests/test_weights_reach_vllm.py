@@ -85,3 +85,56 @@ def test_learner_update_reaches_vllm(ray_cluster, tiny_model, cache_dir, tmp_pat
         for actor in actors:
             ray.kill(actor)
         redis.stop()
+
+
+def test_bf16_engine_loads_fp32_learner_weights(ray_cluster, tiny_model, cache_dir, tmp_path):
+    """rollout.dtype=bfloat16 under a float32 learner: the engine casts each published weight as it copies it in, and
+    samples with the learner's new weights to bf16 precision, not with the ones it started from."""
+    ray = ray_cluster
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from scratchpad.actors.rollout import RolloutWorker
+    from scratchpad.actors.tasks import train_stream
+    from scratchpad.common.buffer import BufferAddress, EmbeddedRedis, RedisBuffer, free_port
+    from scratchpad.common.records import unpack_ids, unpack_logprobs
+    from scratchpad.cluster.run import actor_env
+    from scratchpad.learner.learner import Learner
+
+    cfg = small_config(cache_dir, "learner.lr=1e-2", "rollout.dtype=bfloat16")
+    assert cfg.model.dtype == "float32"
+    redis = EmbeddedRedis(tmp_path / "redis").start()
+    env = {"env_vars": actor_env(cfg)}
+    actors = []
+    try:
+        address = BufferAddress(redis.url, "sp:bf16:", 1000)
+        rollout = ray.remote(RolloutWorker).options(num_cpus=1, runtime_env=env).remote(cfg, tiny_model)
+        learner = ray.remote(Learner).options(num_cpus=1, runtime_env=env).remote(cfg, tiny_model, address, 0, 1, free_port())
+        actors = [rollout, learner]
+        stream = train_stream(cfg.task)
+        for step in range(3):
+            groups = ray.get(rollout.generate.remote([next(stream) for _ in range(cfg.rollout.prompts_per_step)]))
+            for group in groups:
+                for k, trace in enumerate(group.traces):
+                    trace.reward = float(k)
+            RedisBuffer(address).put(groups)
+            assert ray.get(learner.fill_batch.remote()) == 0
+            ray.get(learner.train.remote())
+            assert ray.get(rollout.update_weights.remote(learner.weights.remote())) == step + 1
+        new = AutoModelForCausalLM.from_pretrained(ray.get(learner.save_pretrained.remote(str(tmp_path / "learner"))), dtype=torch.float32)
+        old = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+        traces = [t for g in ray.get(rollout.generate.remote([next(stream) for _ in range(6)])) for t in g.traces]
+        gap = {"new": [], "old": []}
+        for t in traces:
+            prompt, completion = unpack_ids(t.prompt_ids).tolist(), unpack_ids(t.completion_ids).tolist()
+            reported = torch.tensor(list(unpack_logprobs(t.logprobs)), dtype=torch.float32)
+            for name, model in (("new", new), ("old", old)):
+                gap[name].append((reported - teacher_forced(model, prompt, completion, cfg.rollout.temperature)).abs().mean().item())
+        mean = {name: sum(v) / len(v) for name, v in gap.items()}
+        print("mean |log p gap| of the bf16 engine against the fp32 models:", mean)
+        assert mean["new"] < 0.05, f"bf16 engine's log p is {mean['new']:.3f} from the fp32 learner's: more than bf16 precision"
+        assert mean["old"] > 4 * mean["new"], f"the engine samples as the old weights do ({mean}): the update did not reach it"
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+        redis.stop()
