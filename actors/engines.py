@@ -31,11 +31,12 @@ def bucket_tensors(buckets) -> list[tuple[str, object]]:
     return out
 
 
-def _quiet_reload(tied: bool) -> None:
+def _quiet_reload(tied: bool, engine_dtype: str) -> None:
     """vLLM's in-place reload warns "<Layer>: Failed to load weights" for every layer that no checkpoint tensor
     reaches, and puts that layer's tensors back as they were. Two are expected: the rotary layer (its cos/sin cache is
     a buffer no checkpoint holds) and, with tied embeddings, the output layer (its weight is the embedding's, which
-    `_retie_lm_head` hands back to it after the reload). Drop those lines; keep every other."""
+    `_retie_lm_head` hands back to it after the reload). It also warns for every float32 weight loaded into a
+    bfloat16 engine (rollout.dtype), the cast that setting asks for. Drop those lines; keep every other."""
     import logging
 
     log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
@@ -52,6 +53,16 @@ def _quiet_reload(tied: bool) -> None:
         log.addFilter(quiet)
     if tied:
         quiet.layers.add("ParallelLMHead")
+    loader = logging.getLogger("vllm.model_executor.models.utils")
+    if engine_dtype != "float32" and not any(getattr(f, "scratchpad", False) for f in loader.filters):
+        class Cast(logging.Filter):
+            scratchpad = True
+            expected = f"with dtype torch.float32 into parameter with dtype torch.{engine_dtype}"
+
+            def filter(self, record):
+                return not (record.getMessage().startswith("Attempted to load weight") and self.expected in record.getMessage())
+
+        loader.addFilter(Cast())
 
 
 def _retie_lm_head(worker) -> bool:
@@ -110,6 +121,7 @@ class VLLMEngine:
         )
         # An output layer tied to the input embedding needs re-tying after every weight load (_retie_lm_head).
         self.tied = bool(getattr(self.llm.llm_engine.model_config.hf_text_config, "tie_word_embeddings", False))
+        self.dtype = dtype
 
     def generate(self, prompts, n, temperature, top_p, max_tokens):
         from vllm import SamplingParams
@@ -128,7 +140,7 @@ class VLLMEngine:
         return result
 
     def load_weights(self, named_tensors):
-        _quiet_reload(self.tied)
+        _quiet_reload(self.tied, self.dtype)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
         if self.tied:
             self.llm.collective_rpc(_retie_lm_head)

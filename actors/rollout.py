@@ -6,6 +6,7 @@ engine, parses thought and answer in task.answer_format, and stamps every trace 
 """
 from __future__ import annotations
 
+import math
 import time
 import uuid
 
@@ -75,6 +76,37 @@ class RolloutWorker:
                 ))
             groups.append(Group(group_id=group_id, prompt_id=prompt.prompt_id, policy_version=self.version, traces=traces, created_at=now))
         return groups
+
+    def join_weight_group(self, host: str, port: int, rank: int, members: list[str], backend: str, timeout_s: float) -> None:
+        """Join learner rank 0's weight group (learner.weight_transport: collective) and allocate the receive buffers
+        once, so no load pays for fresh pages."""
+        import torch
+
+        from scratchpad.common.weight_group import WeightGroup
+
+        if getattr(self, "weight_group", None) is not None:
+            self.weight_group.close()
+        self.weight_group = None
+        group = WeightGroup(host, port, rank, members, backend, timeout_s)
+        self.layout = group.share_layout(None)
+        self.receive_buffers = [torch.empty(b.nbytes, dtype=torch.uint8, device=group.device) for b in self.layout]
+        self.weight_group = group
+
+    def receive_weights(self, version: int) -> int:
+        """Receive version `version` from the weight group and load it in place; returns the version now held."""
+        import torch
+
+        self.weight_group.broadcast(self.receive_buffers, version)
+        named = []
+        for bucket, buffer in zip(self.layout, self.receive_buffers):
+            flat, offset = buffer.view(getattr(torch, bucket.dtype)), 0
+            for name, shape in zip(bucket.names, bucket.shapes):
+                count = math.prod(shape)
+                named.append((name, flat[offset:offset + count].view(shape)))
+                offset += count
+        self.engine.load_weights(named)
+        self.version = version
+        return self.version
 
     def update_weights(self, published: tuple[int, list]) -> int:
         """Load (policy_version, [WeightBucket]) into the running engine in place; returns the version now held."""

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks on a one-GPU machine, in under 10 minutes: the GPU install, then the tests marked `gpu`
-# (a learner step on the device with bf16 and a reference, vLLM on the GPU equal to HF after an in-place update).
+# (a learner step on the device with bf16 and a reference, vLLM on the GPU equal to HF after an in-place update,
+# and, given two GPUs, a bucket broadcast over the NCCL weight group).
 # Usage: bash bench/gpu_check.sh   (from the repository root, on a CUDA machine with internet or a wheel cache)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -52,7 +52,7 @@ def model_paths(wanted: list[str], scratch: Path) -> dict[str, str]:
     return {k: v for k, v in paths.items() if k in wanted}
 
 
-def measure(ray, name: str, path: str, repeats: int, redis_url: str, engine_dtype: str) -> dict:
+def measure(ray, name: str, path: str, repeats: int, redis_url: str, engine_dtype: str, transport: str) -> dict:
     from scratchpad.actors.rollout import RolloutWorker
     from scratchpad.cluster.run import actor_env
     from scratchpad.common.buffer import BufferAddress, free_port
@@ -67,19 +67,27 @@ def measure(ray, name: str, path: str, repeats: int, redis_url: str, engine_dtyp
     learner = ray.remote(Learner).options(num_cpus=0, runtime_env=env).remote(cfg, path, address, 0, 1, free_port(), None)
     engines = [ray.remote(RolloutWorker).options(num_cpus=0, runtime_env=env).remote(cfg, path, i) for i in range(2)]
     ray.get([learner.__ray_ready__.remote(), *[e.__ray_ready__.remote() for e in engines]])
+    if transport == "collective":  # learner rank 0 and both engines in a gloo weight group (common/weight_group.py)
+        port, members = free_port(), ["learner rank 0", "rollout actor 0", "rollout actor 1"]
+        ray.get([learner.join_weight_group.remote("127.0.0.1", port, members, "gloo", 120),
+                 *[e.join_weight_group.remote("127.0.0.1", port, i + 1, members, "gloo", 120) for i, e in enumerate(engines)]])
     publish, total = [], []
-    for _ in range(repeats + 1):  # the first round warms up
+    for version in range(repeats + 1):  # the first round warms up
         started = time.time()
-        published = learner.weights.remote()
-        ray.wait([published], fetch_local=False)
-        out = time.time()
-        ray.get([e.update_weights.remote(published) for e in engines])
+        if transport == "collective":
+            ray.get([learner.broadcast_weights.remote(), *[e.receive_weights.remote(0) for e in engines]])
+            out = started  # the broadcast and the loads are one call; no separate publish time
+        else:
+            published = learner.weights.remote()
+            ray.wait([published], fetch_local=False)
+            out = time.time()
+            ray.get([e.update_weights.remote(published) for e in engines])
+            del published
         publish.append(out - started)
         total.append(time.time() - started)
-        del published
     for actor in (learner, *engines):
         ray.kill(actor)
-    return {"model": name, "engine_dtype": engine_dtype, "seconds_median": round(statistics.median(total[1:]), 3), "seconds_all": [round(t, 3) for t in total[1:]],
+    return {"model": name, "engine_dtype": engine_dtype, "transport": transport, "seconds_median": round(statistics.median(total[1:]), 3), "seconds_all": [round(t, 3) for t in total[1:]],
             "publish_median": round(statistics.median(publish[1:]), 3), "path": path}
 
 
@@ -87,6 +95,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny,135m,0p5b")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--transports", default="object_store", help="object_store and/or collective (gloo on this CPU)")
     parser.add_argument("--engine-dtypes", default="float32,bfloat16",
                         help="rollout.dtype of the engines (the learner stays float32); the tiny model runs float32 only")
     args = parser.parse_args()
@@ -100,13 +109,15 @@ def main() -> None:
         redis = EmbeddedRedis(Path(scratch) / "redis").start()
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
         try:
-            rows = {f"{name}-{dtype}": measure(ray, name, path, args.repeats, redis.url, dtype) for name, path in paths.items()
-                    for dtype in args.engine_dtypes.split(",") if name != "tiny" or dtype == "float32"}
+            rows = {f"{name}-{dtype}" + ("" if transport == "object_store" else f"-{transport}"):
+                    measure(ray, name, path, args.repeats, redis.url, dtype, transport)
+                    for name, path in paths.items() for dtype in args.engine_dtypes.split(",") if name != "tiny" or dtype == "float32"
+                    for transport in args.transports.split(",")}
         finally:
             ray.shutdown()
             redis.stop()
     for row in rows.values():
-        print(f"{row['model']}, {row['engine_dtype']} engines: publish + load into 2 rollout actors {row['seconds_median']} s median of {args.repeats} "
+        print(f"{row['model']}, {row['engine_dtype']} engines, {row['transport']}: publish + load into 2 rollout actors {row['seconds_median']} s median of {args.repeats} "
               f"(publish alone {row['publish_median']} s); all {row['seconds_all']}", flush=True)
     keys = {"sync_tiny_seconds": "tiny-float32", "sync_135m_seconds": "135m-float32", "sync_0p5b_seconds": "0p5b-float32",
             "sync_135m_bf16_engines_seconds": "135m-bfloat16", "sync_0p5b_bf16_engines_seconds": "0p5b-bfloat16"}

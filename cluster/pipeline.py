@@ -148,6 +148,11 @@ class Production:
         if issued >= self.back_since.get(("rollout", engine), 0.0):
             self.restarts.record("rollout", f"rollout actor {engine}")
             self._await_back(actor, ("rollout", engine))
+            if self.latest is None and self.cfg.learner.weight_transport == "collective":
+                # The restarted engine is outside the weight group: it gets the current weights through the object
+                # store now, and the group is rebuilt before the next broadcast.
+                self.cluster.weight_group = None
+                self.latest = self.cluster.publish_weights()
             if self.latest is not None:
                 actor.update_weights.remote(self.latest)
             self.cluster.pin_roles(("rollout",))  # the restarted process starts unpinned

@@ -19,7 +19,7 @@ import ray
 from scratchpad.common.buffer import BufferAddress, EmbeddedRedis, RedisBuffer
 from scratchpad.common.config import ExperimentConfig
 from scratchpad.cluster.metrics import RayMetrics
-from scratchpad.cluster.pipeline import get_or_stall
+from scratchpad.cluster.pipeline import RunHalted, get_or_stall
 from scratchpad.cluster.placement import model_role, release, reserve, strategy
 
 
@@ -91,6 +91,7 @@ class Cluster:
         self.learners: list = []
         self.evaluator = None
         self.placement = None
+        self.weight_group: tuple[str, int] | None = None  # (host, port) of the weight group while it is whole
         self.stop_requested = threading.Event()  # set by the first SIGTERM/Ctrl-C: finish the step, checkpoint, stop
         self.previous_handlers: dict = {}
 
@@ -190,6 +191,32 @@ class Cluster:
                      "the learner ranks", "run.startup_timeout_s")
         self.pin_roles(("learner",))
         return self.learners
+
+    def publish_weights(self):
+        """One object-store put of the learner's weights (rank 0's return value), for every reader. Every rank is
+        called: under ZeRO-3 gathering them is a collective."""
+        published, *others = [rank.weights.remote() for rank in self.learners]
+        get_or_stall(others, self.cfg.run.stall_timeout_s, "publish", "the learner")
+        return published
+
+    def form_weight_group(self) -> None:
+        """learner.weight_transport collective: learner rank 0 and every rollout actor (re)join a weight group of
+        their own (common/weight_group.py), on a fresh port on rank 0's node."""
+        from scratchpad.common.weight_group import backend_for
+
+        cfg = self.cfg
+        self.weight_group = None
+        host, port = ray.get(ray.remote(_rendezvous).options(num_cpus=0, **strategy(self.placement, self.index, "learner", 0)).remote(),
+                             timeout=cfg.run.placement_timeout_s)
+        members = ["learner rank 0", *[f"rollout actor {i}" for i in range(len(self.rollouts))]]
+        backend, timeout = backend_for(cfg.learner.num_gpus, cfg.rollout.gpus_per_engine), cfg.learner.weight_timeout_s
+        calls = [rank.join_weight_group.remote(host, port, members, backend, timeout) for rank in self.learners]
+        calls += [actor.join_weight_group.remote(host, port, i + 1, members, backend, timeout) for i, actor in enumerate(self.rollouts)]
+        try:
+            get_or_stall(calls, timeout + 30, "weight group", "the learner and the rollout actors", "learner.weight_timeout_s")
+        except ray.exceptions.RayTaskError as exc:  # a WeightGroupError: one line naming the member that did not come
+            raise RunHalted(str(getattr(exc, "cause", None) or exc).splitlines()[0]) from None
+        self.weight_group = (host, port)
 
     def restart_learners(self, resume_from: str) -> None:
         """A learner rank died: stop every rank (a process group cannot lose a member) and start them from a checkpoint."""

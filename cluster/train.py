@@ -90,11 +90,60 @@ def train_step(cluster: Cluster, production: Production) -> dict:
 
 
 def publish(cluster: Cluster) -> tuple:
-    """One object-store put of the learner's weights (rank 0's return value), for every reader. Every rank is called:
-    under ZeRO-3 gathering them is a collective."""
-    published, *others = [rank.weights.remote() for rank in cluster.learners]
-    get_or_stall(others, cluster.cfg.run.stall_timeout_s, "publish", "the learner")
-    return published
+    """One object-store put of the learner's weights, for every reader (Cluster.publish_weights)."""
+    return cluster.publish_weights()
+
+
+def deliver(cluster: Cluster, production: Production) -> object | None:
+    """The new weights into every rollout actor, by learner.weight_transport: one object-store put (returned, for an
+    evaluation to reuse), or a broadcast in the weight group (None: the put a restart or an evaluation needs is made
+    when it is needed)."""
+    cfg = cluster.cfg
+    if cfg.learner.weight_transport == "object_store":
+        published = production.latest = publish(cluster)
+        sync_weights(cluster, published, wait=cfg.learner.max_staleness == 0, production=production)
+        return published
+    production.latest = None  # older than the learner now; a restarted engine gets a fresh put (Production.rollout_died)
+    broadcast(cluster, production)
+    return None
+
+
+def broadcast(cluster: Cluster, production: Production) -> None:
+    """Learner rank 0 broadcasts its weights to every rollout actor, which loads them in place (synchronous mode). A
+    member that died or did not come: abort the group, let Ray restart the dead, rebuild the group and send again,
+    once; a second failure halts the run with one line."""
+    from scratchpad.common.weight_group import abort
+
+    cfg = cluster.cfg
+    version = ray.get(cluster.learner.policy_version.remote(), timeout=cfg.run.stall_timeout_s)
+    for attempt in (1, 2):
+        if cluster.weight_group is None:
+            cluster.form_weight_group()
+        issued = time.time()
+        sends = [rank.broadcast_weights.remote() for rank in cluster.learners]
+        loads = [actor.receive_weights.remote(version) for actor in cluster.rollouts]
+        try:
+            get_or_stall([*sends, *loads], cfg.learner.weight_timeout_s + 30, "sync", "the weight group", "learner.weight_timeout_s")
+            return
+        except (*ACTOR_DIED, ray.exceptions.RayTaskError, StallError) as exc:
+            failure = exc
+        abort(*cluster.weight_group, f"a member failed: {type(failure).__name__}")
+        cluster.weight_group = None
+        ray.wait([*sends, *loads], num_returns=len(sends) + len(loads), timeout=cfg.learner.weight_timeout_s + 30)
+        if learner_died(cluster):
+            for ref in sends:
+                ray.get(ref, timeout=0)  # raises the rank's death: run_steps restarts the learner from its checkpoint
+            raise failure
+        for engine, ref in enumerate(loads):
+            try:
+                ray.get(ref, timeout=0)
+            except ACTOR_DIED:
+                production.rollout_died(engine, issued)
+            except Exception:  # noqa: BLE001 (the engine is alive; its receive failed with the group)
+                pass
+        if attempt == 2:
+            cause = getattr(failure, "cause", None) or failure
+            raise RunHalted(f"sync: the weight broadcast failed twice: {str(cause).splitlines()[0] if str(cause) else type(cause).__name__}")
 
 
 def sync_weights(cluster: Cluster, published, wait: bool, production: Production | None = None) -> None:
@@ -244,8 +293,8 @@ def restart_learner(cfg: ExperimentConfig, cluster: Cluster, run_dir: Path, runl
     cluster.restart_learners(str(point[0]))
     production.outstanding += sum(len(r["groups"]) for r in runlog.read("trained") if r["step"] > point[1])  # trained again
     runlog.rewind(point[1])
-    production.latest = publish(cluster)
-    sync_weights(cluster, production.latest, wait=cfg.learner.max_staleness == 0, production=production)
+    cluster.weight_group = None  # the new ranks join a new group
+    deliver(cluster, production)
     report.log(f"a learner rank died: restarted from {point[0]} in {time.time() - started:.1f}s; redoing steps after {point[1]}")
     return point[1] + 1
 
@@ -268,8 +317,7 @@ def run_step(cfg: ExperimentConfig, cluster: Cluster, run_dir: Path, runlog: Run
     with timer.phase("train"):
         learned = train_step(cluster, production)
     with timer.phase("sync"):
-        published = production.latest = publish(cluster)
-        sync_weights(cluster, published, wait=cfg.learner.max_staleness == 0, production=production)
+        published = deliver(cluster, production)
     if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0:
         with timer.phase("checkpoint"):
             on_learners(cluster, "save_checkpoint", str(run_dir / "checkpoints"), cfg.run.keep_checkpoints)
@@ -282,7 +330,7 @@ def run_step(cfg: ExperimentConfig, cluster: Cluster, run_dir: Path, runlog: Run
               "tokens_per_s": produced.get("generated_tokens", 0) / max(elapsed, 1e-9),
               **{f"time_{k}": v for k, v in timer.seconds.items()}, **learned}
     if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < cfg.run.steps:
-        evals.start(step, published)
+        evals.start(step, published if published is not None or cluster.evaluator is None else publish(cluster))
     evals.collect()
     record |= evals.take_latest()  # an evaluation that finished during this step: eval_step says which weights it scored
     runlog.write("metrics", record)

@@ -331,6 +331,15 @@ class LearnerConfig(_Section):
         "Completion tokens whose vocabulary logits exist at once when the learner computes log p (a selective "
         "log-softmax over chunks, recomputed in the backward): memory (tokens x vocabulary) against speed."))
     gradient_checkpointing: bool = Field(False, description="Recompute each transformer block's activations in the backward instead of keeping them: less memory, about a third more compute.")
+    weight_transport: Literal["object_store", "collective"] = Field("object_store", description=(
+        "How weights reach the rollout engines each step. object_store: one put every engine maps zero-copy (any "
+        "placement; Ray moves it between nodes). collective: a broadcast from learner rank 0 in a group of its own "
+        "with the engines, NCCL between GPUs and gloo otherwise, with a timeout on every collective "
+        "(learner.weight_timeout_s); synchronous mode only (a broadcast waits for every engine). Evaluation and a "
+        "restarted engine's first weights still go through the object store."))
+    weight_timeout_s: float = Field(120.0, gt=0, le=86400, description=(
+        "learner.weight_transport collective: how long joining the weight group or one broadcast may take before the "
+        "sync fails with one line naming the member that did not come (the group is then rebuilt once)."))
     publish_bucket_mb: int = Field(256, ge=1, le=65536, description="Size of the buckets weights travel to the rollout engines in, MiB (one flat copy each under ZeRO-3 or off a GPU; views of the parameters otherwise).")
     num_cpus: float = Field(1.0, gt=0, le=256, description="Ray CPUs reserved for the learner.")
     num_gpus: float = Field(0.0, ge=0, le=8, description="Ray GPUs reserved for the learner (0 on a CPU machine).")
@@ -545,6 +554,9 @@ def _check_consistency(cfg: ExperimentConfig, source: str) -> None:
         if c.kind == "overlong" and c.cache_tokens >= (c.max_tokens or cfg.rollout.max_new_tokens):
             raise ConfigError(f"{source}: reward.components {c.name}: cache_tokens ({c.cache_tokens}) must be below max_tokens "
                               f"({c.max_tokens or cfg.rollout.max_new_tokens})")
+    if cfg.learner.weight_transport == "collective" and cfg.learner.max_staleness > 0:
+        raise ConfigError(f"{source}: learner.weight_transport collective needs learner.max_staleness 0 (got {cfg.learner.max_staleness}): "
+                          "a broadcast waits for every engine, which in asynchronous mode is sampling")
     if cfg.rollout.n < 2:
         raise ConfigError(f"{source}: rollout.n must be at least 2 ({cfg.learner.algorithm} uses group-relative advantages)")
     _check_capacity(cfg, source)

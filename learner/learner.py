@@ -112,6 +112,14 @@ class Learner:
         """(policy_version, weight buckets) for the rollout engines; call it on every rank."""
         return publish.publish(self, every_rank)
 
+    def join_weight_group(self, host: str, port: int, members: list[str], backend: str, timeout_s: float) -> None:
+        """Open the weight group with the rollout engines (learner.weight_transport: collective); every rank."""
+        publish.join_weight_group(self, host, port, members, backend, timeout_s)
+
+    def broadcast_weights(self) -> int:
+        """Send the policy to the weight group's engines; every rank. Returns the version sent."""
+        return publish.broadcast_weights(self)
+
     def save_pretrained(self, directory: str) -> str:
         return publish.save_pretrained(self, directory)
 

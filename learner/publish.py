@@ -18,39 +18,39 @@ from scratchpad.common.records import WeightBucket
 from scratchpad.learner.engine import barrier, gathered
 
 
-def buckets_of(named: list[tuple[str, torch.Tensor]], bucket_bytes: int, copy: bool = True) -> list[WeightBucket]:
-    """Parameters grouped into buckets of about `bucket_bytes`, one dtype per bucket; a tensor shared by two names
-    (tied embeddings) travels once, under its first name. copy packs each bucket into one flat CPU buffer (off a GPU,
-    or out of parameters that are gathered only for the call); without it, a CPU tensor travels as a view of itself,
-    and the object-store put that follows is the only copy. A fresh multi-GB buffer per publication is not free: its
-    pages fault in on first touch, which measured 1.2-5.3 s for a 0.5B model's 1.8 GB here against 0.14 s for the put
-    of the views (bench/weight_sync.py)."""
+def grouped(named: list[tuple[str, torch.Tensor]], bucket_bytes: int):
+    """Parameters grouped into buckets of about `bucket_bytes`, one dtype per bucket, in order; a tensor shared by two
+    names (tied embeddings) travels once, under its first name. Yields (dtype, [(name, tensor)])."""
     seen: set[int] = set()
     pending: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
-    out: list[WeightBucket] = []
-
-    def as_numpy(tensor: torch.Tensor) -> np.ndarray:
-        return tensor.view(torch.uint16).numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy()
-
-    def flush(dtype):
-        items = pending.pop(dtype, [])
-        if not items:
-            return
-        flat = [t.detach().reshape(-1) for _, t in items]
-        if copy or any(t.device.type != "cpu" for t in flat):
-            flat = [torch.cat(flat).to("cpu")]  # one copy; one transfer off a GPU
-        out.append(WeightBucket([n for n, _ in items], [list(t.shape) for _, t in items], str(dtype).removeprefix("torch."),
-                                [as_numpy(t) for t in flat]))
-
     for name, tensor in named:
         if tensor.data_ptr() in seen:
             continue
         seen.add(tensor.data_ptr())
         pending.setdefault(tensor.dtype, []).append((name, tensor))
         if sum(t.numel() * t.element_size() for _, t in pending[tensor.dtype]) >= bucket_bytes:
-            flush(tensor.dtype)
+            yield tensor.dtype, pending.pop(tensor.dtype)
     for dtype in list(pending):
-        flush(dtype)
+        yield dtype, pending.pop(dtype)
+
+
+def buckets_of(named: list[tuple[str, torch.Tensor]], bucket_bytes: int, copy: bool = True) -> list[WeightBucket]:
+    """Buckets for the object store (see grouped). copy packs each bucket into one flat CPU buffer (off a GPU, or
+    out of parameters that are gathered only for the call); without it, a CPU tensor travels as a view of itself, and
+    the object-store put that follows is the only copy. A fresh multi-GB buffer per publication is not free: its
+    pages fault in on first touch, which measured 1.2-5.3 s for a 0.5B model's 1.8 GB here against 0.14 s for the put
+    of the views (bench/weight_sync.py)."""
+
+    def as_numpy(tensor: torch.Tensor) -> np.ndarray:
+        return tensor.view(torch.uint16).numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy()
+
+    out: list[WeightBucket] = []
+    for dtype, items in grouped(named, bucket_bytes):
+        flat = [t.detach().reshape(-1) for _, t in items]
+        if copy or any(t.device.type != "cpu" for t in flat):
+            flat = [torch.cat(flat).to("cpu")]  # one copy; one transfer off a GPU
+        out.append(WeightBucket([n for n, _ in items], [list(t.shape) for _, t in items], str(dtype).removeprefix("torch."),
+                                [as_numpy(t) for t in flat]))
     return out
 
 
@@ -64,6 +64,41 @@ def publish(learner, every_rank: bool = False) -> tuple[int, list[WeightBucket]]
         named = list(learner.engine.module.state_dict(keep_vars=False).items())
         views = learner.cfg.learner.zero_stage < 3  # ZeRO-3's gathered parameters are gone once the context exits
         return learner.version, buckets_of(named, learner.cfg.learner.publish_bucket_mb * 2**20, copy=not views)
+
+
+def join_weight_group(learner, host: str, port: int, members: list[str], backend: str, timeout_s: float) -> None:
+    """Learner rank 0 opens the weight group (common/weight_group.py) and shares the buckets' layout; call it on
+    every rank."""
+    from scratchpad.common.weight_group import BucketLayout, WeightGroup
+
+    if learner.rank != 0:
+        with gathered(learner.engine.module):  # ZeRO-3: rank 0's gather needs every rank
+            return
+    if getattr(learner, "weight_group", None) is not None:
+        learner.weight_group.close()
+    learner.weight_group = None
+    group = WeightGroup(host, port, 0, members, backend, timeout_s)
+    with gathered(learner.engine.module):
+        named = list(learner.engine.module.state_dict(keep_vars=False).items())
+        layout = [BucketLayout([n for n, _ in items], [list(t.shape) for _, t in items], str(dtype).removeprefix("torch."),
+                               sum(t.numel() * t.element_size() for _, t in items))
+                  for dtype, items in grouped(named, learner.cfg.learner.publish_bucket_mb * 2**20)]
+    group.share_layout(layout)
+    learner.weight_group = group
+
+
+def broadcast_weights(learner) -> int:
+    """Send the policy to every engine of the weight group, one flat bucket at a time; call it on every rank (a
+    collective under ZeRO-3). Returns the policy version sent."""
+    with gathered(learner.engine.module):
+        if learner.rank != 0:
+            return learner.version
+        group = learner.weight_group
+        named = list(learner.engine.module.state_dict(keep_vars=False).items())
+        buffers = [torch.cat([t.detach().reshape(-1) for _, t in items]).view(torch.uint8).to(group.device)
+                   for _, items in grouped(named, learner.cfg.learner.publish_bucket_mb * 2**20)]
+        group.broadcast(buffers, learner.version)
+    return learner.version
 
 
 def save_pretrained(learner, directory: str) -> str:

@@ -92,6 +92,15 @@ def test_rollout_actor_killed(ray_cluster, tiny_model, cache_dir, tmp_path, stal
     assert summary["groups_trained"] == 6 * 4
 
 
+def test_rollout_actor_killed_during_a_weight_broadcast(ray_cluster, tiny_model, cache_dir, tmp_path):
+    """learner.weight_transport collective: an engine dies inside the broadcast. The driver aborts the group, Ray
+    restarts the engine, it takes the current weights from the object store, the group is rebuilt and the step's
+    weights are sent again."""
+    summary = chaos_run(_cfg(cache_dir, "learner.weight_transport=collective", "learner.weight_timeout_s=30"), tmp_path / "run", 2,
+                        "ray::RolloutWorker.receive_weights")
+    assert summary["groups_trained"] == 6 * 4
+
+
 @pytest.mark.parametrize("staleness", [0, 1])
 def test_reward_actor_killed(ray_cluster, tiny_model, cache_dir, tmp_path, staleness):
     """Ray restarts the reward actor and the chunk it held is scored again."""

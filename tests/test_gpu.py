@@ -56,3 +56,40 @@ def test_vllm_matches_hf_after_update_bf16(tiny_model, tmp_path):
         teacher = logp.gather(-1, torch.tensor(s.token_ids).cuda().unsqueeze(-1)).squeeze(-1)
         gaps.append((teacher.cpu() - torch.tensor(s.logprobs)).abs().mean().item())
     assert max(gaps) < 0.1, gaps
+
+
+def _nccl_member(rank: int, port: int, queue) -> None:
+    import torch
+
+    from scratchpad.common.weight_group import BucketLayout, WeightGroup
+
+    torch.cuda.set_device(rank)
+    members = ["learner rank 0", "rollout actor 0"]
+    try:
+        group = WeightGroup("127.0.0.1", port, rank, members, "nccl", 60)
+        layout = group.share_layout([BucketLayout(["w"], [[4096]], "bfloat16", 8192)] if rank == 0 else None)
+        torch.manual_seed(0)
+        sent = torch.randn(4096, device="cuda").to(torch.bfloat16)
+        buffer = sent.view(torch.uint8).clone() if rank == 0 else torch.empty(layout[0].nbytes, dtype=torch.uint8, device="cuda")
+        group.broadcast([buffer], 1)
+        queue.put((rank, bool(torch.equal(buffer.view(torch.bfloat16), sent))))
+    except Exception as exc:  # noqa: BLE001 (reported to the test)
+        queue.put((rank, f"{type(exc).__name__}: {exc}"))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs the learner and the engine on different GPUs")
+def test_nccl_weight_group_broadcast():
+    """learner.weight_transport collective over NCCL: a bf16 bucket from GPU 0 arrives bit for bit on GPU 1."""
+    import multiprocessing
+
+    from scratchpad.common.buffer import free_port
+
+    context = multiprocessing.get_context("spawn")
+    queue, port = context.Queue(), free_port()
+    members = [context.Process(target=_nccl_member, args=(rank, port, queue)) for rank in (0, 1)]
+    for p in members:
+        p.start()
+    results = dict(queue.get(timeout=120) for _ in members)
+    for p in members:
+        p.join(30)
+    assert results == {0: True, 1: True}, results

@@ -138,3 +138,26 @@ def test_bf16_engine_loads_fp32_learner_weights(ray_cluster, tiny_model, cache_d
         for actor in actors:
             ray.kill(actor)
         redis.stop()
+
+
+def test_expected_reload_warnings_are_dropped_and_others_kept():
+    """The lines a reload is known to print (the rotary cache, the tied output layer, the float32 -> bfloat16 cast
+    rollout.dtype asks for) are dropped from vLLM's loggers; any other warning there still gets through."""
+    import logging
+
+    from scratchpad.actors.engines import _quiet_reload
+
+    _quiet_reload(True, "bfloat16")
+    layerwise = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    loader = logging.getLogger("vllm.model_executor.models.utils")
+
+    def kept(log, message, *args):
+        record = log.makeRecord(log.name, logging.WARNING, __file__, 0, message, args, None)
+        return all(f.filter(record) for f in log.filters)
+
+    assert not kept(layerwise, "RotaryEmbedding: Failed to load weights")
+    assert not kept(layerwise, "ParallelLMHead: Failed to load weights")
+    assert kept(layerwise, "QKVParallelLinear: Failed to load weights")
+    assert not kept(loader, "Attempted to load weight %s with dtype %s into parameter with dtype %s", "norm.weight", "torch.float32", "torch.bfloat16")
+    assert kept(loader, "Attempted to load weight %s with dtype %s into parameter with dtype %s", "norm.weight", "torch.float16", "torch.bfloat16")
+    assert kept(loader, "something else went wrong")
