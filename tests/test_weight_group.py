@@ -104,12 +104,13 @@ def test_a_sender_that_never_sends_is_named_and_the_driver_can_abort():
 @pytest.mark.integration
 def test_a_run_over_the_weight_group_samples_the_learners_policy(ray_cluster, tiny_model, cache_dir, tmp_path):
     """4 steps at lr 1e-2 with weights broadcast over gloo: the engine's log p of what it samples equals the learner's
-    at every step (a missed load would leave it a step behind: the gap is then visible at this lr)."""
+    at every step. A missed load would leave the engine behind, and at this lr that shows: an engine left on its
+    first weights is 4.3 nats a token from the learner after 3 updates (test_weights_reach_vllm.py's bf16 test)."""
     from scratchpad.cluster.train import train
 
     run = tmp_path / "run"
     cfg = small_config(cache_dir, "learner.weight_transport=collective", "learner.lr=1e-2", "run.steps=4", "run.eval_every=0",
-                       "run.eval_actor=true", "task.eval_size=8")
+                       "run.eval_actor=false", "task.eval_size=8")
     summary = train(cfg, run, log=lambda *_: None)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and summary["invariant_holds"]
@@ -117,36 +118,3 @@ def test_a_run_over_the_weight_group_samples_the_learners_policy(ray_cluster, ti
     assert max(gaps[1:]) < 1e-3, f"the engines sample another policy than the learner's: gaps {gaps}"
     evals = [json.loads(line) for line in (run / "evals.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [0, 4]
-
-
-@pytest.mark.integration
-def test_without_the_broadcast_the_gap_shows(ray_cluster, tiny_model, cache_dir, tmp_path):
-    """The check above can fail: an engine that keeps its first weights is far from the learner at this lr."""
-    ray = ray_cluster
-    from scratchpad.actors.rollout import RolloutWorker
-    from scratchpad.actors.tasks import train_stream
-    from scratchpad.common.buffer import BufferAddress, EmbeddedRedis, RedisBuffer, free_port
-    from scratchpad.cluster.run import actor_env
-    from scratchpad.learner.learner import Learner
-
-    cfg = small_config(cache_dir, "learner.lr=1e-2", "learner.max_staleness=5")  # the unsynced groups are not dropped as stale
-    redis = EmbeddedRedis(tmp_path / "redis").start()
-    env = {"env_vars": actor_env(cfg)}
-    try:
-        address = BufferAddress(redis.url, "sp:nogroup:", 1000)
-        rollout = ray.remote(RolloutWorker).options(num_cpus=0, runtime_env=env).remote(cfg, tiny_model)
-        learner = ray.remote(Learner).options(num_cpus=0, runtime_env=env).remote(cfg, tiny_model, address, 0, 1, free_port())
-        stream, gaps = train_stream(cfg.task), []
-        for _ in range(2):
-            groups = ray.get(rollout.generate.remote([next(stream) for _ in range(cfg.rollout.prompts_per_step)]))
-            for group in groups:
-                for k, trace in enumerate(group.traces):
-                    trace.reward = float(k)
-            RedisBuffer(address).put(groups)
-            assert ray.get(learner.fill_batch.remote()) == 0
-            gaps.append(ray.get(learner.train.remote())["logprob_gap"])
-        assert gaps[1] > 1e-2, gaps
-    finally:
-        ray.kill(rollout)
-        ray.kill(learner)
-        redis.stop()
