@@ -89,18 +89,13 @@ def train_step(cluster: Cluster, production: Production) -> dict:
     return merge_learned(get_or_stall(calls, cluster.cfg.run.stall_timeout_s, "train", "the learner"))
 
 
-def publish(cluster: Cluster) -> tuple:
-    """One object-store put of the learner's weights, for every reader (Cluster.publish_weights)."""
-    return cluster.publish_weights()
-
-
 def deliver(cluster: Cluster, production: Production) -> object | None:
     """The new weights into every rollout actor, by learner.weight_transport: one object-store put (returned, for an
     evaluation to reuse), or a broadcast in the weight group (None: the put a restart or an evaluation needs is made
     when it is needed)."""
     cfg = cluster.cfg
     if cfg.learner.weight_transport == "object_store":
-        published = production.latest = publish(cluster)
+        published = production.latest = cluster.publish_weights()
         sync_weights(cluster, published, wait=cfg.learner.max_staleness == 0, production=production)
         return published
     production.latest = None  # older than the learner now; a restarted engine gets a fresh put (Production.rollout_died)
@@ -221,13 +216,13 @@ def train(cfg: ExperimentConfig, run_dir: Path, log=print, resume: bool = False,
             for _ in range(cluster.buffer.counters()["produced"] if point else 0):
                 next(stream)  # prompts already sampled into the buffer are not sampled again
             if point:
-                sync_weights(cluster, publish(cluster), wait=True)  # the engines start from the checkpoint's weights and version
+                sync_weights(cluster, cluster.publish_weights(), wait=True)  # the engines start from the checkpoint's weights and version
                 report.log(f"resumed at step {point[1]} from {point[0]}")
             else:
                 evals.start(0)
                 report.log(f"cluster up in {time.time() - started:.1f}s")
             run_steps(cfg, cluster, run_dir, runlog, report, stream, evals, first)
-            evals.start(cfg.run.steps, publish(cluster))
+            evals.start(cfg.run.steps, cluster.publish_weights())
             evals.wait_all()
             on_learners(cluster, "save_pretrained", str(run_dir / "final"))  # collective under ZeRO-3
             counters = cluster.buffer.counters()
@@ -330,7 +325,7 @@ def run_step(cfg: ExperimentConfig, cluster: Cluster, run_dir: Path, runlog: Run
               "tokens_per_s": produced.get("generated_tokens", 0) / max(elapsed, 1e-9),
               **{f"time_{k}": v for k, v in timer.seconds.items()}, **learned}
     if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < cfg.run.steps:
-        evals.start(step, published if published is not None or cluster.evaluator is None else publish(cluster))
+        evals.start(step, published if published is not None or cluster.evaluator is None else cluster.publish_weights())
     evals.collect()
     record |= evals.take_latest()  # an evaluation that finished during this step: eval_step says which weights it scored
     runlog.write("metrics", record)

@@ -1,6 +1,8 @@
 """After a learner update, vLLM's greedy completions equal Hugging Face's from the learner's weights (fp32), and
 both engines report each sampled token's log p under the tempered distribution it was drawn from, the one the
 learner trains."""
+from contextlib import contextmanager
+
 import pytest
 
 from conftest import small_config
@@ -22,39 +24,56 @@ def teacher_forced(model, prompt_ids: list[int], completion: list[int], temperat
         return completion_logprobs(model, ids, torch.ones_like(ids), positions, targets, mask, temperature=temperature)[0][0]
 
 
-def test_learner_update_reaches_vllm(ray_cluster, tiny_model, cache_dir, tmp_path):
-    ray = ray_cluster
-    from scratchpad.actors.engines import HFEngine
+@contextmanager
+def rollout_and_learner(ray, cfg, tiny_model, tmp_path, prefix: str):
+    """A rollout actor and a learner on one embedded Redis, as the loop places them; stopped on exit."""
     from scratchpad.actors.rollout import RolloutWorker
-    from scratchpad.actors.tasks import eval_set, train_stream
     from scratchpad.common.buffer import BufferAddress, EmbeddedRedis, RedisBuffer, free_port
-    from scratchpad.common.records import unpack_ids
     from scratchpad.cluster.run import actor_env
     from scratchpad.learner.learner import Learner
 
-    cfg = small_config(cache_dir, "learner.lr=1e-2", "task.eval_size=24", f"rollout.temperature={TEMPERATURE}")
     redis = EmbeddedRedis(tmp_path / "redis").start()
     env = {"env_vars": actor_env(cfg)}
     actors = []
     try:
-        address = BufferAddress(redis.url, "sp:weights:", 1000)
+        address = BufferAddress(redis.url, prefix, 1000)
         rollout = ray.remote(RolloutWorker).options(num_cpus=1, runtime_env=env).remote(cfg, tiny_model)
         learner = ray.remote(Learner).options(num_cpus=1, runtime_env=env).remote(cfg, tiny_model, address, 0, 1, free_port())
-        buffer = RedisBuffer(address)
         actors = [rollout, learner]
+        yield rollout, learner, RedisBuffer(address)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+        redis.stop()
+
+
+def update(ray, rollout, learner, buffer, stream, prompts: int) -> tuple[dict, int]:
+    """One step: sample, give each group's traces distinct rewards (so every update moves the weights), train, and
+    load the new weights into the rollout actor. Returns the step's metrics and the version the actor now holds."""
+    groups = ray.get(rollout.generate.remote([next(stream) for _ in range(prompts)]))
+    for group in groups:
+        for k, trace in enumerate(group.traces):
+            trace.reward = float(k)
+    buffer.put(groups)
+    assert ray.get(learner.fill_batch.remote()) == 0
+    metrics = ray.get(learner.train.remote())
+    return metrics, ray.get(rollout.update_weights.remote(learner.weights.remote()))
+
+
+def test_learner_update_reaches_vllm(ray_cluster, tiny_model, cache_dir, tmp_path):
+    ray = ray_cluster
+    from scratchpad.actors.engines import HFEngine
+    from scratchpad.actors.tasks import eval_set, train_stream
+    from scratchpad.common.records import unpack_ids
+
+    cfg = small_config(cache_dir, "learner.lr=1e-2", "task.eval_size=24", f"rollout.temperature={TEMPERATURE}")
+    with rollout_and_learner(ray, cfg, tiny_model, tmp_path, "sp:weights:") as (rollout, learner, buffer):
         prompts = eval_set(cfg.task)
         stream = train_stream(cfg.task)
         before = [unpack_ids(g.traces[0].completion_ids).tolist() for g in ray.get(rollout.generate.remote(prompts, True))]
 
         for _ in range(3):  # three updates, so the change is visible in greedy outputs
-            groups = ray.get(rollout.generate.remote([next(stream) for _ in range(cfg.rollout.prompts_per_step)]))
-            for group in groups:  # distinct rewards within each group, so every update moves the weights
-                for k, trace in enumerate(group.traces):
-                    trace.reward = float(k)
-            buffer.put(groups)
-            assert ray.get(learner.fill_batch.remote()) == 0
-            metrics = ray.get(learner.train.remote())
-            version = ray.get(rollout.update_weights.remote(learner.weights.remote()))
+            metrics, version = update(ray, rollout, learner, buffer, stream, cfg.rollout.prompts_per_step)
         assert version == metrics["policy_version"] == 3
 
         after = [unpack_ids(g.traces[0].completion_ids).tolist() for g in ray.get(rollout.generate.remote(prompts, True))]
@@ -81,10 +100,6 @@ def test_learner_update_reaches_vllm(ray_cluster, tiny_model, cache_dir, tmp_pat
             assert (reported - tempered).abs().max() < 1e-3, f"{engine}: sampler log p is not that of temperature {TEMPERATURE}"
         assert sum((torch.tensor(list(r)) - teacher_forced(hf.model, p, c, 1.0)).abs().mean() > 1e-2 for _, p, c, r in cases) > len(cases) // 2, \
             "the temperature changed nothing: the test could not tell raw from tempered log p"
-    finally:
-        for actor in actors:
-            ray.kill(actor)
-        redis.stop()
 
 
 def test_bf16_engine_loads_fp32_learner_weights(ray_cluster, tiny_model, cache_dir, tmp_path):
@@ -94,33 +109,15 @@ def test_bf16_engine_loads_fp32_learner_weights(ray_cluster, tiny_model, cache_d
     import torch
     from transformers import AutoModelForCausalLM
 
-    from scratchpad.actors.rollout import RolloutWorker
     from scratchpad.actors.tasks import train_stream
-    from scratchpad.common.buffer import BufferAddress, EmbeddedRedis, RedisBuffer, free_port
     from scratchpad.common.records import unpack_ids, unpack_logprobs
-    from scratchpad.cluster.run import actor_env
-    from scratchpad.learner.learner import Learner
 
     cfg = small_config(cache_dir, "learner.lr=1e-2", "rollout.dtype=bfloat16")
     assert cfg.model.dtype == "float32"
-    redis = EmbeddedRedis(tmp_path / "redis").start()
-    env = {"env_vars": actor_env(cfg)}
-    actors = []
-    try:
-        address = BufferAddress(redis.url, "sp:bf16:", 1000)
-        rollout = ray.remote(RolloutWorker).options(num_cpus=1, runtime_env=env).remote(cfg, tiny_model)
-        learner = ray.remote(Learner).options(num_cpus=1, runtime_env=env).remote(cfg, tiny_model, address, 0, 1, free_port())
-        actors = [rollout, learner]
+    with rollout_and_learner(ray, cfg, tiny_model, tmp_path, "sp:bf16:") as (rollout, learner, buffer):
         stream = train_stream(cfg.task)
         for step in range(3):
-            groups = ray.get(rollout.generate.remote([next(stream) for _ in range(cfg.rollout.prompts_per_step)]))
-            for group in groups:
-                for k, trace in enumerate(group.traces):
-                    trace.reward = float(k)
-            RedisBuffer(address).put(groups)
-            assert ray.get(learner.fill_batch.remote()) == 0
-            ray.get(learner.train.remote())
-            assert ray.get(rollout.update_weights.remote(learner.weights.remote())) == step + 1
+            assert update(ray, rollout, learner, buffer, stream, cfg.rollout.prompts_per_step)[1] == step + 1
         new = AutoModelForCausalLM.from_pretrained(ray.get(learner.save_pretrained.remote(str(tmp_path / "learner"))), dtype=torch.float32)
         old = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
         traces = [t for g in ray.get(rollout.generate.remote([next(stream) for _ in range(6)])) for t in g.traces]
@@ -134,10 +131,6 @@ def test_bf16_engine_loads_fp32_learner_weights(ray_cluster, tiny_model, cache_d
         print("mean |log p gap| of the bf16 engine against the fp32 models:", mean)
         assert mean["new"] < 0.05, f"bf16 engine's log p is {mean['new']:.3f} from the fp32 learner's: more than bf16 precision"
         assert mean["old"] > 4 * mean["new"], f"the engine samples as the old weights do ({mean}): the update did not reach it"
-    finally:
-        for actor in actors:
-            ray.kill(actor)
-        redis.stop()
 
 
 def test_expected_reload_warnings_are_dropped_and_others_kept():
