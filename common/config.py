@@ -279,8 +279,12 @@ class LearnerConfig(_Section):
         "grpo/dr_grpo/rloo/reinforce_pp: policy gradient with that group-relative advantage; ppo: GAE with a learned critic; "
         "dpo/ipo: online preference loss on each group's best vs worst trace (Thought Preference Optimisation when a judge scores); "
         "star: supervised steps on the traces whose reward reaches star_threshold (rejection-sampling fine-tuning)."))
-    lr: float = Field(1e-4, gt=0, le=1, description="AdamW learning rate (constant after warmup).")
+    lr: float = Field(1e-4, gt=0, le=1, description="Peak AdamW learning rate (after warmup; lr_schedule says what follows).")
     warmup_steps: int = Field(0, ge=0, le=1_000_000, description="Linear learning-rate warmup, in learner steps.")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field("constant", description=(
+        "Learning rate after warmup, by learner step (policy version): constant; or a linear or cosine decay from lr "
+        "to min_lr_ratio x lr at run.steps."))
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="linear/cosine: the final learning rate as a fraction of lr.")
     weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
     adam_eps: float = Field(1e-8, gt=0, le=1, description="AdamW epsilon; larger values stop Adam from blowing tiny, noisy gradients up to full-size steps.")
     adam_beta2: float = Field(0.999, gt=0, lt=1, description="AdamW second-moment decay.")

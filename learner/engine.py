@@ -7,6 +7,7 @@ live on the learner's device.
 """
 from __future__ import annotations
 
+import math
 import os
 from datetime import timedelta
 
@@ -104,9 +105,25 @@ def ds_config(cfg: ExperimentConfig, micro: int, world_size: int) -> dict:
     }
 
 
-def build_engine(cfg: ExperimentConfig, model, lr: float, warmup: int, micro: int, world_size: int, on_norm):
-    """A DeepSpeed engine around `model` with AdamW and linear warmup. At ZeRO 0, `on_norm(norm)` gets the clipped
-    gradient norm of each step (computed inside engine.step(), after the gradients are averaged over ranks)."""
+def lr_factor(version: int, warmup: int, schedule: str, total: int, min_ratio: float) -> float:
+    """Multiplier of the peak learning rate for the optimizer steps of learner step `version` (0-based): a linear
+    warmup over `warmup` steps, then constant or a linear/cosine decay that reaches `min_ratio` at step `total`."""
+    if warmup and version < warmup:
+        return (version + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (version - warmup) / (total - warmup))
+    shape = 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_ratio + (1.0 - min_ratio) * shape
+
+
+def build_engine(cfg: ExperimentConfig, model, lr: float, warmup: int, micro: int, world_size: int, on_norm,
+                 schedule: str = "constant"):
+    """A DeepSpeed engine around `model` with AdamW, linear warmup and `schedule` after it (learner.lr_schedule).
+    The scheduler counts optimizer steps, of which each learner step takes ppo_epochs x minibatches, and maps them
+    to learner steps, so warmup and decay are in learner steps whatever the minibatching. At ZeRO 0,
+    `on_norm(norm)` gets the clipped gradient norm of each step (computed inside engine.step(), after the
+    gradients are averaged over ranks)."""
     import deepspeed
 
     lc = cfg.learner
@@ -116,7 +133,9 @@ def build_engine(cfg: ExperimentConfig, model, lr: float, warmup: int, micro: in
             params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
             on_norm(float(torch.nn.utils.clip_grad_norm_(params, lc.grad_clip or float("inf"))))
         optim.register_step_pre_hook(clip)
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    per_version = lc.ppo_epochs * lc.minibatches
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: lr_factor(
+        s // per_version, warmup, schedule, cfg.run.steps, lc.min_lr_ratio))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optim, lr_scheduler=sched, config=ds_config(cfg, micro, world_size))
     return engine
 

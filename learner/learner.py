@@ -47,7 +47,7 @@ class Learner:
             self.reference = frozen_reference(cfg, model_path, micro, world_size, self.device)
         self.norms: dict[str, float] = {}
         self.engine = build_engine(cfg, model, cfg.learner.lr, cfg.learner.warmup_steps, micro, world_size,
-                                   lambda norm: self.norms.__setitem__("grad_norm", norm))
+                                   lambda norm: self.norms.__setitem__("grad_norm", norm), cfg.learner.lr_schedule)
         self.critic = None
         if cfg.learner.algorithm == "ppo":
             self.critic = build_engine(cfg, Critic(model_path, torch.float32), cfg.learner.critic_lr, 0, micro, world_size,
@@ -76,6 +76,7 @@ class Learner:
         groups = [g for _, g in entries]
         batch, unit = prepare(self, groups)
         units = batch["mask"].shape[0] // unit
+        lr = float(self.engine.get_lr()[0])  # learner.lr_schedule's rate for this step's first optimizer step
         sums: dict[str, float] = {}
         for epoch in range(lc.ppo_epochs):
             for m in range(lc.minibatches):
@@ -94,6 +95,7 @@ class Learner:
         rewards = torch.tensor([t.reward for g in groups for t in g.traces])
         return {
             **sums,
+            "lr": lr,
             "tokens": int(batch["mask"].sum()),
             "trained_sequences": int(batch["mask"].shape[0]),
             "reward_mean": float(rewards.mean()),

@@ -107,7 +107,9 @@ def test_two_ranks_make_the_same_update_as_one(ray_cluster, tiny_model, cache_di
 
 def test_resumed_step_equals_uninterrupted_step(ray_cluster, tiny_model, cache_dir, tmp_path):
     """PPO, so the critic and its optimizer must come back too; two minibatches so the scheduler and Adam
-    state of several optimizer steps matter."""
+    state of several optimizer steps matter. A linear decay over 2 learner steps: the second step's optimizer steps
+    run at 0.625 x lr only if the scheduler came back and counts learner steps, not optimizer steps (by optimizer
+    steps the second step would sit at the end of the decay, 0.25 x lr)."""
     ray = ray_cluster
     from transformers import AutoTokenizer
 
@@ -116,7 +118,8 @@ def test_resumed_step_equals_uninterrupted_step(ray_cluster, tiny_model, cache_d
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     first, second = (synthetic_groups(tokenizer, 4, 4, seed=s, tag=t) for s, t in ((2, "a"), (3, "b")))
     cfg = small_config(cache_dir, "learner.algorithm=ppo", "learner.lr=1e-3", "learner.critic_lr=1e-3", "learner.minibatches=2",
-                       "learner.warmup_steps=3", "learner.max_staleness=10", "run.checkpoint_every=1")  # both batches are version 0
+                       "learner.lr_schedule=linear", "learner.min_lr_ratio=0.25", "run.steps=2",
+                       "learner.max_staleness=10", "run.checkpoint_every=1")  # both batches are version 0
     redis = EmbeddedRedis(tmp_path / "redis").start()
     actors = []
     try:
@@ -125,7 +128,8 @@ def test_resumed_step_equals_uninterrupted_step(ray_cluster, tiny_model, cache_d
         _push(RedisBuffer(address), first)
         [straight] = _learners(ray, cfg, tiny_model, address, 1)
         actors.append(straight)
-        _step(ray, [straight])
+        [first_step] = _step(ray, [straight])
+        assert first_step["lr"] == pytest.approx(1e-3)
         checkpoint = ray.get(straight.save_checkpoint.remote(str(tmp_path / "checkpoints"), 2))
         _push(RedisBuffer(address), second)
         [expected] = _step(ray, [straight])
@@ -141,6 +145,7 @@ def test_resumed_step_equals_uninterrupted_step(ray_cluster, tiny_model, cache_d
         [got] = _step(ray, [resumed])
         got_weights = _weights(ray, resumed)
         assert got["policy_version"] == expected["policy_version"] == 2
+        assert got["lr"] == expected["lr"] == pytest.approx(0.625e-3)
         for key in ("loss", "value_loss", "grad_norm", "critic_grad_norm"):
             assert got[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-9), key
         assert max(float((got_weights[k] - expected_weights[k]).abs().max()) for k in got_weights) < 1e-7
@@ -148,3 +153,13 @@ def test_resumed_step_equals_uninterrupted_step(ray_cluster, tiny_model, cache_d
         for actor in actors:
             ray.kill(actor)
         redis.stop()
+
+
+def test_lr_schedule_factors():
+    from scratchpad.learner.engine import lr_factor
+
+    assert [lr_factor(v, 2, "constant", 10, 0.0) for v in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
+    linear = [lr_factor(v, 0, "linear", 4, 0.1) for v in range(6)]
+    assert linear == pytest.approx([1.0, 0.775, 0.55, 0.325, 0.1, 0.1])
+    cosine = [lr_factor(v, 2, "cosine", 6, 0.0) for v in range(7)]
+    assert cosine == pytest.approx([0.5, 1.0, 1.0, 0.5 * (1 + 2 ** -0.5), 0.5, 0.5 * (1 - 2 ** -0.5), 0.0])
