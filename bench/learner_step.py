@@ -1,6 +1,7 @@
 """The learner's train phase against a bare PyTorch step on the same batch: where the time beyond the arithmetic goes.
 
-    python bench/learner_step.py [CONFIG] [--steps 12] [--threads 2] [--profile]
+    python bench/learner_step.py [CONFIG] [--steps 12] [--threads 2] [--profile] [--prompt-len 24 34]
+                                 [--completion-len 12 80] [KEY=VALUE ...]
 
 Both sides run in this process, one after the other, alternating, on the same model (the config's model, built or
 taken from the cache), the same batch shape as CONFIG's step (prompts_per_step x n traces, prompt and completion
@@ -59,6 +60,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--prompt-len", type=int, nargs=2, default=(24, 34), metavar=("MIN", "MAX"), help="prompt tokens (the quickstart's)")
+    parser.add_argument("--completion-len", type=int, nargs=2, default=(12, 80), metavar=("MIN", "MAX"), help="completion tokens")
     parser.add_argument("overrides", nargs="*", default=[])
     args = parser.parse_args()
 
@@ -85,7 +88,7 @@ def main() -> None:
         ours, theirs, ratios, profile = [], [], [], cProfile.Profile()
         for step in range(args.steps + 2):  # two warm-up pairs
             groups = synthetic_groups(learner.tokenizer, cfg.rollout.prompts_per_step, cfg.rollout.n, step, f"s{step}-",
-                                      learner.version, prompt_len=(24, 34), completion_len=(12, 80))
+                                      learner.version, prompt_len=tuple(args.prompt_len), completion_len=tuple(args.completion_len))
             buffer.put(groups)
             batch = to_tensors([t for g in groups for t in g.traces], learner.pad_id, torch.device("cpu"))
             sides = ["ours", "bare"] if step % 2 == 0 else ["bare", "ours"]
@@ -119,7 +122,8 @@ def main() -> None:
         "learner_over_bare_range": [round(min(ratios), 3), round(max(ratios), 3)],
         "ours_s": round(statistics.median(ours), 4), "bare_s": round(statistics.median(theirs), 4), "pairs": len(ratios),
         "batch": {"sequences": cfg.rollout.prompts_per_step * cfg.rollout.n, "micro_batch_size": cfg.learner.micro_batch_size},
-        "threads": args.threads, "model": model_path, **provenance(),
+        "threads": args.threads, "model": model_path, "prompt_len": list(args.prompt_len),
+        "completion_len": list(args.completion_len), "overrides": args.overrides, **provenance(),
     }
     print(json.dumps(result))
 

@@ -334,6 +334,11 @@ class LearnerConfig(_Section):
     logprob_chunk_tokens: int = Field(1024, ge=1, le=1_000_000, description=(
         "Completion tokens whose vocabulary logits exist at once when the learner computes log p (a selective "
         "log-softmax over chunks, recomputed in the backward): memory (tokens x vocabulary) against speed."))
+    share_prompts: bool = Field(False, description=(
+        "Compute each prompt once per micro-batch for all the samples that share it: the rows are packed as [prompt, "
+        "completion 1, completion 2, ...] under a block attention mask, with each completion at the positions it has "
+        "after its prompt. The same log p as the padded layout (tests/test_logprobs.py), with n - 1 prompt forwards "
+        "and backwards fewer per group; for models whose attention takes a 4D mask (sdpa or eager)."))
     gradient_checkpointing: bool = Field(False, description="Recompute each transformer block's activations in the backward instead of keeping them: less memory, about a third more compute.")
     weight_transport: Literal["object_store", "collective"] = Field("object_store", description=(
         "How weights reach the rollout engines each step. object_store: one put every engine maps zero-copy (any "

@@ -63,7 +63,8 @@ class BatchAssembler:
 
 def to_tensors(traces: list, pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
     """Right-padded tensors of prompt + completion, on `device`. Shapes: input_ids/attention (n, W); targets,
-    old_logp (the sampler's log p) and mask (n, C); starts (n,) where each completion begins; rewards (n,)."""
+    old_logp (the sampler's log p) and mask (n, C); starts (n,) where each completion begins; rewards (n,);
+    prompt_of (n,) the first row with the same prompt tokens (rows of one group share it: shared_prompt_layout)."""
     prompts = [unpack_ids(t.prompt_ids).astype(np.int64) for t in traces]
     completions = [unpack_ids(t.completion_ids).astype(np.int64) for t in traces]
     n = len(traces)
@@ -75,6 +76,8 @@ def to_tensors(traces: list, pad_id: int, device: torch.device) -> dict[str, tor
     old_logp = np.zeros((n, comp_width), dtype=np.float32)
     mask = np.zeros((n, comp_width), dtype=np.float32)
     starts = np.zeros(n, dtype=np.int64)
+    first_row: dict[bytes, int] = {}
+    prompt_of = np.array([first_row.setdefault(t.prompt_ids, i) for i, t in enumerate(traces)], dtype=np.int64)
     for i, (t, prompt, completion) in enumerate(zip(traces, prompts, completions)):
         p, c = len(prompt), len(completion)
         input_ids[i, :p], input_ids[i, p : p + c] = prompt, completion
@@ -85,7 +88,7 @@ def to_tensors(traces: list, pad_id: int, device: torch.device) -> dict[str, tor
         starts[i] = p
     arrays = {"input_ids": input_ids, "attention": attention, "targets": targets, "old_logp": old_logp, "mask": mask,
               "starts": starts, "rewards": np.array([t.reward for t in traces], dtype=np.float32),
-              "lengths": starts + mask.sum(1).astype(np.int64)}
+              "lengths": starts + mask.sum(1).astype(np.int64), "prompt_of": prompt_of}
     return {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
 
 
@@ -112,3 +115,46 @@ def micro_batches(batch: dict[str, torch.Tensor], rows_range: range, max_rows: i
     if rows_range.stop > start:
         out.append(slice(start, rows_range.stop))
     return out
+
+
+def shared_prompt_layout(batch: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
+    """The rows of a micro-batch packed so each prompt is computed once (learner.share_prompts): one packed row per
+    distinct prompt, [prompt, completion 1, completion 2, ...], right-padded to the longest. Each completion sees
+    its prompt and its own earlier tokens only (a block mask) and takes the positions it had after its prompt, so
+    every completion token's hidden state is the one the padded layout computes, from a prompt forward shared by the
+    group's samples instead of repeated n times.
+
+    Returns input_ids and position_ids (B, T), a boolean attention mask (B, 1, T, T) (True: may attend), and
+    `predictor` (b, C): for completion token k of row i, the index into the flattened (B * T) hidden states whose
+    output predicts it (the prompt's last position for k = 0); padding points at position 0 and is masked later."""
+    starts = batch["starts"][rows].tolist()
+    lengths = batch["lengths"][rows].tolist()
+    owners = batch["prompt_of"][rows].tolist()
+    input_ids = batch["input_ids"][rows].cpu().numpy()
+    comp = batch["targets"].shape[1]
+    packed: dict[int, list[int]] = {}  # prompt owner -> local rows, in order
+    for local, owner in enumerate(owners):
+        packed.setdefault(owner, []).append(local)
+    width = max(starts[members[0]] + sum(lengths[r] - starts[r] for r in members) for members in packed.values())
+    count = len(packed)
+    ids = np.zeros((count, width), dtype=np.int64)
+    pos = np.zeros((count, width), dtype=np.int64)
+    segment = np.full((count, width), -1, dtype=np.int64)  # 0 prompt, s >= 1 completion s, -1 padding
+    predictor = np.zeros((len(owners), comp), dtype=np.int64)
+    for b, members in enumerate(packed.values()):
+        p = starts[members[0]]
+        ids[b, :p], pos[b, :p], segment[b, :p] = input_ids[members[0], :p], np.arange(p), 0
+        at = p
+        for s, row in enumerate(members, start=1):
+            c = lengths[row] - starts[row]
+            ids[b, at : at + c] = input_ids[row, p : p + c]
+            pos[b, at : at + c] = np.arange(p, p + c)
+            segment[b, at : at + c] = s
+            predictor[row, :c] = b * width + np.concatenate(([p - 1], np.arange(at, at + c - 1)))
+            at += c
+    seg = torch.from_numpy(segment)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    allowed = causal & ((seg.unsqueeze(1) == 0) | (seg.unsqueeze(1) == seg.unsqueeze(2)))  # (B, query, key)
+    device = batch["input_ids"].device
+    return {"input_ids": torch.from_numpy(ids).to(device), "position_ids": torch.from_numpy(pos).to(device),
+            "attention_mask": allowed.unsqueeze(1).to(device), "predictor": torch.from_numpy(predictor).to(device)}

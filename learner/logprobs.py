@@ -32,17 +32,33 @@ def _chunk(head, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | N
     return logp, ent
 
 
+def hidden_dtype(model) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
 def completion_logprobs(model, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
                         mask: torch.Tensor, chunk_tokens: int = 1024, entropy: bool = False, entropy_grad: bool = False,
-                        temperature: float = 1.0):
+                        temperature: float = 1.0, packed: dict | None = None):
     """(b, C) log p(targets) predicted from `positions` (b, C) of input_ids (b, W), 0 where mask is 0; and the
     (b, C) entropy there when `entropy` (else None), both of softmax(logits / temperature). `model` is a Hugging
-    Face causal LM (or a module wrapping one)."""
+    Face causal LM (or a module wrapping one). With `packed` (batch.shared_prompt_layout) the decoder runs once
+    per distinct prompt over the packed rows instead, and input_ids, attention and positions are not used."""
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
-    hidden = decoder(input_ids=input_ids, attention_mask=attention).last_hidden_state  # (b, W, H)
     b, c = targets.shape
-    picked = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])).reshape(b * c, -1)  # (b*C, H)
+    if packed is not None:
+        mask4d, kind = packed["attention_mask"], getattr(model.config, "_attn_implementation", None) or "sdpa"
+        if kind == "eager":  # eager attention adds its mask to the scores
+            mask4d = torch.zeros(mask4d.shape, dtype=hidden_dtype(model), device=mask4d.device).masked_fill(
+                ~mask4d, torch.finfo(hidden_dtype(model)).min)
+        elif kind != "sdpa":
+            raise ValueError(f"learner.share_prompts: the model's attention ({kind}) takes no block mask; use sdpa or eager, or share_prompts: false")
+        hidden = decoder(input_ids=packed["input_ids"], attention_mask=mask4d,
+                         position_ids=packed["position_ids"]).last_hidden_state  # (B, T, H)
+        picked = hidden.reshape(-1, hidden.shape[-1])[packed["predictor"].reshape(-1)]  # (b*C, H)
+    else:
+        hidden = decoder(input_ids=input_ids, attention_mask=attention).last_hidden_state  # (b, W, H)
+        picked = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])).reshape(b * c, -1)  # (b*C, H)
     real = mask.reshape(-1).nonzero().squeeze(1)  # padding never reaches the head
     rows, wanted = picked[real], targets.reshape(-1)[real]
     logp_parts, ent_parts = [], []

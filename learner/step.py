@@ -13,7 +13,7 @@ import torch
 from scratchpad.learner.algorithms import (
     ADVANTAGES, aggregate, gae_advantages, policy_loss, preference_loss, preference_pairs, value_loss_per_token,
 )
-from scratchpad.learner.batch import PREFERENCE, micro_batches, positions, to_tensors
+from scratchpad.learner.batch import PREFERENCE, micro_batches, positions, shared_prompt_layout, to_tensors
 from scratchpad.learner.engine import gather_rows, global_sum
 from scratchpad.learner.logprobs import completion_logprobs
 
@@ -25,9 +25,10 @@ def forward(learner, model, batch: dict, rows: slice, entropy: bool = False):
     module = getattr(model, "module", model)  # a DeepSpeed engine wraps the HF model
     lc = learner.cfg.learner
     temperature = learner.cfg.rollout.temperature or 1.0
+    packed = shared_prompt_layout(batch, rows) if lc.share_prompts else None
     return completion_logprobs(module, batch["input_ids"][rows, :width], batch["attention"][rows, :width], positions(batch, rows, width),
                                batch["targets"][rows], batch["mask"][rows], lc.logprob_chunk_tokens, entropy, lc.entropy_coef > 0,
-                               temperature)
+                               temperature, packed)
 
 
 def values(critic, batch: dict, rows: slice) -> torch.Tensor:

@@ -118,7 +118,7 @@ def test_resumed_step_equals_uninterrupted_step(ray_cluster, tiny_model, cache_d
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     first, second = (synthetic_groups(tokenizer, 4, 4, seed=s, tag=t) for s, t in ((2, "a"), (3, "b")))
     cfg = small_config(cache_dir, "learner.algorithm=ppo", "learner.lr=1e-3", "learner.critic_lr=1e-3", "learner.minibatches=2",
-                       "learner.lr_schedule=linear", "learner.min_lr_ratio=0.25", "run.steps=2",
+                       "learner.lr_schedule=linear", "learner.min_lr_ratio=0.25", "run.steps=2", "learner.share_prompts=true",
                        "learner.max_staleness=10", "run.checkpoint_every=1")  # both batches are version 0
     redis = EmbeddedRedis(tmp_path / "redis").start()
     actors = []

@@ -57,3 +57,52 @@ def test_entropy_carries_no_gradient_unless_asked(model):
     assert not ent.requires_grad
     _, ent = completion_logprobs(model, ids, torch.ones_like(ids), pos, targets, mask, entropy=True, entropy_grad=True)
     assert ent.requires_grad
+
+
+def _traces(groups: int, n: int, seed: int):
+    import random
+
+    import numpy as np
+
+    from scratchpad.common.records import Trace, pack_ids, pack_logprobs
+
+    rng = random.Random(seed)
+    out = []
+    for g in range(groups):
+        prompt = [rng.randrange(301) for _ in range(rng.randint(2, 9))]
+        for k in range(n):
+            completion = [rng.randrange(301) for _ in range(rng.randint(1, 7))]
+            out.append(Trace(trace_id=f"{g}:{k}", group_id=str(g), prompt_id=str(g), prompt="p", prompt_ids=pack_ids(prompt),
+                             completion="c", completion_ids=pack_ids(completion), logprobs=pack_logprobs(np.zeros(len(completion))),
+                             finish_reason="stop", policy_version=0, reference="1", reward=float(k % 2)))
+    return out
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("rows", [slice(0, 12), slice(2, 9)])  # the whole batch; a slice that cuts two groups
+def test_shared_prompt_layout_gives_the_padded_layouts_values_and_gradients(model, attention, rows):
+    """learner.share_prompts: each prompt computed once for its group's samples, every completion token's log p,
+    entropy and the gradients they send back equal to the padded layout's, where each row carries its prompt."""
+    from scratchpad.learner.batch import positions, shared_prompt_layout, to_tensors
+
+    model.config._attn_implementation = attention
+    batch = to_tensors(_traces(3, 4, seed=5), pad_id=0, device=torch.device("cpu"))
+    width = int(batch["lengths"][rows].max())
+    args = (batch["input_ids"][rows, :width], batch["attention"][rows, :width], positions(batch, rows, width),
+            batch["targets"][rows], batch["mask"][rows])
+    results = []
+    for packed in (None, shared_prompt_layout(batch, rows)):
+        model.zero_grad()
+        logp, ent = completion_logprobs(model, *args, chunk_tokens=5, entropy=True, entropy_grad=True, packed=packed)
+        (logp.sum() + 0.3 * ent.sum()).backward()
+        results.append((logp.detach(), ent.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    layout = shared_prompt_layout(batch, rows)
+    distinct = len(set(batch["prompt_of"][rows].tolist()))
+    assert layout["input_ids"].shape[0] == distinct < rows.stop - rows.start  # one packed row per prompt
+    (want, want_ent, want_grads), (got, got_ent, got_grads) = results
+    assert torch.allclose(got, want, atol=1e-5) and torch.allclose(got_ent, want_ent, atol=1e-5)
+    assert (got[batch["mask"][rows] == 0] == 0).all()
+    for n in want_grads:
+        assert torch.allclose(got_grads[n], want_grads[n], atol=1e-5), n
+    model.config._attn_implementation = "sdpa"
+    model.zero_grad()
