@@ -117,12 +117,16 @@ def micro_batches(batch: dict[str, torch.Tensor], rows_range: range, max_rows: i
     return out
 
 
-def shared_prompt_layout(batch: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
+def shared_prompt_layout(batch: dict[str, torch.Tensor], rows: slice, min_width: int = 512) -> dict[str, torch.Tensor]:
     """The rows of a micro-batch packed so each prompt is computed once (learner.share_prompts): one packed row per
     distinct prompt, [prompt, completion 1, completion 2, ...], right-padded to the longest. Each completion sees
     its prompt and its own earlier tokens only (a block mask) and takes the positions it had after its prompt, so
     every completion token's hidden state is the one the padded layout computes, from a prompt forward shared by the
     group's samples instead of repeated n times.
+
+    A packed row holds at most max(min_width, 2 x the longest padded row) tokens; a group whose completions do not
+    fit continues in another row with its prompt again. So attention, which runs over the whole packed row (masked
+    entries included), never grows past a few padded rows' worth, and the mask stays small for long completions.
 
     Returns input_ids and position_ids (B, T), a boolean attention mask (B, 1, T, T) (True: may attend), and
     `predictor` (b, C): for completion token k of row i, the index into the flattened (B * T) hidden states whose
@@ -132,21 +136,32 @@ def shared_prompt_layout(batch: dict[str, torch.Tensor], rows: slice) -> dict[st
     owners = batch["prompt_of"][rows].tolist()
     input_ids = batch["input_ids"][rows].cpu().numpy()
     comp = batch["targets"].shape[1]
-    packed: dict[int, list[int]] = {}  # prompt owner -> local rows, in order
+    limit = max(min_width, 2 * max(lengths))
+    packed: list[list[int]] = []  # local rows of each packed row; the first one's prompt heads it
+    open_row: dict[int, int] = {}  # prompt owner -> its packed row still taking completions
+    used: list[int] = []
     for local, owner in enumerate(owners):
-        packed.setdefault(owner, []).append(local)
-    width = max(starts[members[0]] + sum(lengths[r] - starts[r] for r in members) for members in packed.values())
-    count = len(packed)
-    ids = np.zeros((count, width), dtype=np.int64)
-    pos = np.zeros((count, width), dtype=np.int64)
-    segment = np.full((count, width), -1, dtype=np.int64)  # 0 prompt, s >= 1 completion s, -1 padding
+        c = lengths[local] - starts[local]
+        b = open_row.get(owner)
+        if b is None or used[b] + c > limit:
+            open_row[owner], b = len(packed), len(packed)
+            packed.append([])
+            used.append(starts[local])
+        packed[b].append(local)
+        used[b] += c
+    width = max(used)
+    ids = np.zeros((len(packed), width), dtype=np.int64)
+    pos = np.zeros((len(packed), width), dtype=np.int64)
+    segment = np.full((len(packed), width), -1, dtype=np.int64)  # 0 prompt, s >= 1 completion s, -1 padding
     predictor = np.zeros((len(owners), comp), dtype=np.int64)
-    for b, members in enumerate(packed.values()):
+    for b, members in enumerate(packed):
         p = starts[members[0]]
         ids[b, :p], pos[b, :p], segment[b, :p] = input_ids[members[0], :p], np.arange(p), 0
         at = p
         for s, row in enumerate(members, start=1):
             c = lengths[row] - starts[row]
+            if c == 0:
+                continue
             ids[b, at : at + c] = input_ids[row, p : p + c]
             pos[b, at : at + c] = np.arange(p, p + c)
             segment[b, at : at + c] = s

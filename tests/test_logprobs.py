@@ -79,26 +79,32 @@ def _traces(groups: int, n: int, seed: int):
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-@pytest.mark.parametrize("rows", [slice(0, 12), slice(2, 9)])  # the whole batch; a slice that cuts two groups
-def test_shared_prompt_layout_gives_the_padded_layouts_values_and_gradients(model, attention, rows):
+@pytest.mark.parametrize("n,rows,min_width", [(4, slice(0, 12), 512), (4, slice(2, 9), 512), (8, slice(0, 24), 0)])
+def test_shared_prompt_layout_gives_the_padded_layouts_values_and_gradients(model, attention, n, rows, min_width):
     """learner.share_prompts: each prompt computed once for its group's samples, every completion token's log p,
-    entropy and the gradients they send back equal to the padded layout's, where each row carries its prompt."""
+    entropy and the gradients they send back equal to the padded layout's, where each row carries its prompt. The
+    cases: the whole batch; a slice that cuts two groups; packed rows capped at twice the longest padded row, so
+    groups continue in a second row."""
     from scratchpad.learner.batch import positions, shared_prompt_layout, to_tensors
 
     model.config._attn_implementation = attention
-    batch = to_tensors(_traces(3, 4, seed=5), pad_id=0, device=torch.device("cpu"))
+    batch = to_tensors(_traces(3, n, seed=5), pad_id=0, device=torch.device("cpu"))
     width = int(batch["lengths"][rows].max())
     args = (batch["input_ids"][rows, :width], batch["attention"][rows, :width], positions(batch, rows, width),
             batch["targets"][rows], batch["mask"][rows])
     results = []
-    for packed in (None, shared_prompt_layout(batch, rows)):
+    for packed in (None, shared_prompt_layout(batch, rows, min_width)):
         model.zero_grad()
         logp, ent = completion_logprobs(model, *args, chunk_tokens=5, entropy=True, entropy_grad=True, packed=packed)
         (logp.sum() + 0.3 * ent.sum()).backward()
         results.append((logp.detach(), ent.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    layout = shared_prompt_layout(batch, rows)
+    layout = shared_prompt_layout(batch, rows, min_width)
     distinct = len(set(batch["prompt_of"][rows].tolist()))
-    assert layout["input_ids"].shape[0] == distinct < rows.stop - rows.start  # one packed row per prompt
+    if min_width:
+        assert layout["input_ids"].shape[0] == distinct < rows.stop - rows.start  # one packed row per prompt
+    else:
+        assert distinct < layout["input_ids"].shape[0] < rows.stop - rows.start  # some groups take two rows
+        assert layout["input_ids"].shape[1] <= 2 * int(batch["lengths"][rows].max())
     (want, want_ent, want_grads), (got, got_ent, got_grads) = results
     assert torch.allclose(got, want, atol=1e-5) and torch.allclose(got_ent, want_ent, atol=1e-5)
     assert (got[batch["mask"][rows] == 0] == 0).all()
