@@ -20,6 +20,7 @@ import ray
 from scratchpad.actors.rollout import RolloutWorker
 from scratchpad.actors.tasks import eval_set
 from scratchpad.cluster import eval_stats
+from scratchpad.cluster.pipeline import get_or_stall
 from scratchpad.cluster.run import actor_env
 from scratchpad.common.config import ConfigError, ExperimentConfig, load_config
 from scratchpad.common.records import Group, Prompt
@@ -132,8 +133,8 @@ def eval_actors(cfg: ExperimentConfig):
         rewarders = [ray.remote(RewardWorker).options(num_cpus=cfg.reward.cpus_per_actor, runtime_env=env).remote(
             cfg.reward, None, cfg.rollout.max_new_tokens, judges, path) for _ in range(cfg.reward.num_actors)]
         actors += rewarders
-        gather([a.__ray_ready__.remote() for a in actors], cfg.run.startup_timeout_s, "start-up: the engine and reward actors",
-               "run.startup_timeout_s")
+        get_or_stall([a.__ray_ready__.remote() for a in actors], cfg.run.startup_timeout_s, "eval",
+                     "start-up: the engine and reward actors", "run.startup_timeout_s", each=True)
         yield SimpleNamespace(rollouts=rollouts, rewarders=rewarders, stall_s=cfg.run.stall_timeout_s)
     finally:
         for actor in actors:
@@ -145,17 +146,6 @@ def eval_actors(cfg: ExperimentConfig):
             ray.shutdown()
 
 
-def gather(refs: list, stall_s: float, what: str, field: str = "run.stall_timeout_s") -> list:
-    """ray.get of every ref, failing with one line naming `what` (and the config `field` that bounds it) when none
-    finishes within `stall_s` seconds."""
-    waiting = list(refs)
-    while waiting:
-        done, waiting = ray.wait(waiting, num_returns=1, timeout=stall_s)
-        if not done:
-            raise ConfigError(f"eval: {what} made no progress for {stall_s:g} s ({field}); {len(waiting)} of {len(refs)} calls unfinished")
-    return ray.get(list(refs), timeout=stall_s)
-
-
 def generate_and_score(actors, prompts: list[Prompt], greedy: bool, chunks: int) -> list[Group]:
     """Every prompt through the engines (`chunks` calls per engine) and the reward actors; each chunk is scored as soon
     as it is generated (the reward call takes the generate call's ObjectRef)."""
@@ -165,7 +155,7 @@ def generate_and_score(actors, prompts: list[Prompt], greedy: bool, chunks: int)
         size = max(1, -(-len(share) // chunks))
         calls += [engine.generate.remote(share[i : i + size], greedy) for i in range(0, len(share), size)]
     scored = [actors.rewarders[i % len(actors.rewarders)].score.remote(ref) for i, ref in enumerate(calls)]
-    return [g for part in gather(scored, actors.stall_s, "generate and score") for g in part]
+    return [g for part in get_or_stall(scored, actors.stall_s, "eval", "generate and score", each=True) for g in part]
 
 
 def fitting_prompts(actors, prompts: list[Prompt], max_new_tokens: int) -> tuple[list[Prompt], dict]:

@@ -28,9 +28,17 @@ class StallError(RunHalted):
     """A stage made no progress within run.stall_timeout_s."""
 
 
-def get_or_stall(refs, timeout: float, stage: str, who: str, field: str = "run.stall_timeout_s"):
+def get_or_stall(refs, timeout: float, stage: str, who: str, field: str = "run.stall_timeout_s", each: bool = False):
     """ray.get of `refs`; past `timeout` seconds (the config's `field`), a StallError naming the stage and the actor
-    instead of Ray's timeout."""
+    instead of Ray's timeout. With `each`, the bound is on progress, not on the whole: the wait fails only when no
+    ref finishes within `timeout` of the last one (a long evaluation of many calls that keep finishing is fine)."""
+    refs = list(refs) if each else refs
+    waiting = list(refs) if each else []
+    while waiting:
+        done, waiting = ray.wait(waiting, num_returns=1, timeout=timeout)
+        if not done:
+            raise StallError(f"{stage}: {who} made no progress for {timeout:.0f} s ({field}={timeout:g}); "
+                             f"{len(waiting)} of {len(refs)} calls unfinished")
     try:
         return ray.get(refs, timeout=timeout)
     except ray.exceptions.GetTimeoutError:
@@ -103,13 +111,18 @@ class Production:
         return not self.generating and not self.scoring
 
     def refill(self, missing: int) -> None:
-        """Nothing is in flight and the learner's batch still lacks `missing` groups (some were dropped): owe it that
-        many fresh prompts, past the staleness budget. Bounded, so a run whose every group is dropped stops."""
-        self.refilled += missing
+        """Nothing is in flight and the learner's batch still lacks `missing` groups (some were dropped): owe it fresh
+        prompts past the staleness budget, at least one full chunk. Groups are dropped at some rate, so `missing`
+        prompts would rarely fill the batch in one round, and a decoder call of a few sequences costs about what a
+        chunk's does (each decode step reads every weight whatever the batch); what the batch does not take is
+        trained at the next step within learner.max_staleness, or dropped there as stale (counted). Bounded, so a
+        run whose every group is dropped stops."""
+        owed = max(missing, self.chunk)
+        self.refilled += owed
         if self.refilled > self.cfg.rollout.prompts_per_step * self.cfg.run.max_refill_batches:
             raise ScorerFailure(f"refill: {self.refilled} extra prompts sampled for one batch and it is still not full: every "
                                 f"group is being dropped (dropped_* in metrics.jsonl; run.max_refill_batches={self.cfg.run.max_refill_batches})")
-        self.backlog += [next(self.stream) for _ in range(missing)]
+        self.backlog += [next(self.stream) for _ in range(owed)]
 
     def _issue(self, engine: int, prompts: list) -> None:
         gen = self.cluster.rollouts[engine].generate.remote(prompts)

@@ -74,3 +74,29 @@ def test_train_end_to_end(ray_cluster, tiny_model, cache_dir, tmp_path, capsys):
     assert main(["status", str(run)]) == 0
     assert f"trained {summary['groups_trained']}" in capsys.readouterr().out
     assert redis_servers() == servers_before
+
+
+def test_dynamic_sampling_trains_only_groups_with_a_signal(ray_cluster, tiny_model, cache_dir, tmp_path):
+    """learner.filter_groups in the synchronous loop: groups whose rewards are all equal are dropped and counted,
+    refills sample whole chunks until the batch is full, every trained group carries a reward spread, the books
+    balance, and share_prompts trains through the whole pipeline with the sampler's log p."""
+    from scratchpad.cluster.train import train
+
+    cfg = small_config(cache_dir, "run.steps=3", "run.eval_every=0", "learner.filter_groups=true", "learner.share_prompts=true",
+                       "rollout.prompts_per_step=2", "rollout.temperature=1.5", "reward.format_weight=0.5",  # some groups differ
+                       "run.sample_traces=1000")  # every trace in traces.jsonl
+    summary = train(cfg, tmp_path / "run", log=lambda *_: None)
+    run = tmp_path / "run"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["policy_version"] for r in rows] == [1, 2, 3]
+    assert all(r["groups_trained"] == 2 for r in rows)
+    assert all(r["logprob_gap"] < 1e-3 for r in rows), "the packed learner and the sampler disagree"
+    assert sum(r.get("dropped_filtered", 0) for r in rows) > 0, "no group was filtered: the test exercised no refill"
+    traces = {}
+    for line in (run / "traces.jsonl").read_text().splitlines():
+        t = json.loads(line)
+        traces.setdefault(t["trace_id"].split(":")[0], []).append(t["reward"])
+    trained = [g for r in (json.loads(line) for line in (run / "trained.jsonl").read_text().splitlines()) for g in r["groups"]]
+    assert set(trained) <= set(traces) and all(max(traces[g]) > min(traces[g]) for g in trained)
+    assert summary["groups_produced"] == summary["groups_trained"] + summary["groups_dropped"] + summary["groups_in_flight"]
+    assert summary["groups_trained"] == 6 and summary["invariant_holds"]
