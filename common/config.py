@@ -7,6 +7,7 @@ and carries a one-line description (tests/test_config.py enforces the last).
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -90,6 +91,11 @@ class RolloutConfig(_Section):
     cpus_per_engine: float = Field(1.0, gt=0, le=256, description="Ray CPUs reserved per rollout actor.")
     gpus_per_engine: float = Field(0.0, ge=0, le=8, description="Ray GPUs reserved per rollout actor (0 on a CPU machine).")
     prompts_per_step: int = Field(16, ge=1, le=65536, description="Groups (distinct prompts) trained on per learner step.")
+    oversample: float = Field(1.0, ge=1, le=16, description=(
+        "Prompts sampled per step, as a multiple of prompts_per_step (rounded up): with learner.filter_groups "
+        "dropping a share of the groups, one decoder round can fill the batch instead of several refills. Groups the "
+        "batch does not take are trained at the next step within learner.max_staleness, or dropped there as stale "
+        "(counted)."))
     chunks_per_engine: int = Field(1, ge=1, le=1024, description=(
         "Generate calls each engine splits its prompts into. Reward actors score each chunk as soon as it is "
         "generated, while the engine goes on with the next, so a slow scorer (a judge, a reward model) overlaps "
@@ -572,6 +578,11 @@ def _check_consistency(cfg: ExperimentConfig, source: str) -> None:
     _check_prompt_format(cfg, source)
 
 
+def issued_per_step(rollout: RolloutConfig) -> int:
+    """Prompts a step samples: prompts_per_step x oversample, rounded up."""
+    return math.ceil(rollout.prompts_per_step * rollout.oversample - 1e-9)
+
+
 def _check_capacity(cfg: ExperimentConfig, source: str) -> None:
     """Sizes that must fit each other: the held-out set, the model's positions, the buffer's bound."""
     if cfg.task.name == "jsonl" and not cfg.task.eval_path:
@@ -583,11 +594,12 @@ def _check_capacity(cfg: ExperimentConfig, source: str) -> None:
             capped = f", capped at {cap} for vLLM" if cap < positions else ""
             raise ConfigError(f"{source}: rollout.max_new_tokens ({cfg.rollout.max_new_tokens}) leaves no room for a prompt in the "
                               f"model's {positions} positions (model.tiny.max_positions{capped})")
-    r, held = cfg.rollout, cfg.rollout.prompts_per_step * (max(1, cfg.run.checkpoint_every) + cfg.learner.max_staleness)
+    r = cfg.rollout
+    held = issued_per_step(r) * (max(1, cfg.run.checkpoint_every) + cfg.learner.max_staleness)
     if cfg.buffer.maxlen < held:
         # The learner acknowledges groups only when a checkpoint holds them, and asynchronous producers run ahead.
         raise ConfigError(f"{source}: buffer.maxlen ({cfg.buffer.maxlen}) is below the {held} groups a run holds in flight: "
-                          f"rollout.prompts_per_step ({r.prompts_per_step}) x (max(1, run.checkpoint_every) ({max(1, cfg.run.checkpoint_every)}) "
+                          f"rollout.prompts_per_step ({r.prompts_per_step}) x rollout.oversample ({r.oversample:g}) x (max(1, run.checkpoint_every) ({max(1, cfg.run.checkpoint_every)}) "
                           f"+ learner.max_staleness ({cfg.learner.max_staleness})); producers would wait for buffer.put_timeout_s, then fail")
 
 

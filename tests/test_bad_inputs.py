@@ -73,8 +73,10 @@ def test_a_bad_config_file_is_named(tmp_path, content, words):
     (["rollout.max_new_tokens=5000"], ["rollout.max_new_tokens (5000)", "256 positions", "model.tiny.max_positions"]),
     (["buffer.maxlen=16", "run.checkpoint_every=5"], ["buffer.maxlen (16)", "80 groups", "run.checkpoint_every"]),
     (["buffer.maxlen=32", "learner.max_staleness=2"], ["buffer.maxlen (32)", "48 groups", "learner.max_staleness (2)"]),
+    (["buffer.maxlen=32", "rollout.oversample=1.5", "run.checkpoint_every=2"], ["buffer.maxlen (32)", "48 groups", "rollout.oversample (1.5)"]),
 ], ids=["unknown-key", "wrong-type", "out-of-range", "bad-rows-range", "checker-memory-range", "jsonl-no-eval",
-        "max-new-tokens-past-positions", "maxlen-below-checkpoint-window", "maxlen-below-staleness-window"])
+        "max-new-tokens-past-positions", "maxlen-below-checkpoint-window", "maxlen-below-staleness-window",
+        "maxlen-below-oversampled-window"])
 def test_a_config_mistake_names_the_field(tmp_path, overrides, words):
     result, _ = scratchpad("train", QUICKSTART, *overrides, "--dry-run", tmp_path=tmp_path)
     assert_one_line(result, *words)
