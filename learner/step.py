@@ -25,7 +25,12 @@ def forward(learner, model, batch: dict, rows: slice, entropy: bool = False):
     module = getattr(model, "module", model)  # a DeepSpeed engine wraps the HF model
     lc = learner.cfg.learner
     temperature = learner.cfg.rollout.temperature or 1.0
-    packed = shared_prompt_layout(batch, rows) if lc.share_prompts else None
+    packed = None
+    if lc.share_prompts:  # the reference, proximal and training passes share the micro-batches: pack each once a step
+        key = f"packed:{rows.start}:{rows.stop}"
+        if key not in batch:
+            batch[key] = shared_prompt_layout(batch, rows)
+        packed = batch[key]
     return completion_logprobs(module, batch["input_ids"][rows, :width], batch["attention"][rows, :width], positions(batch, rows, width),
                                batch["targets"][rows], batch["mask"][rows], lc.logprob_chunk_tokens, entropy, lc.entropy_coef > 0,
                                temperature, packed)
