@@ -315,7 +315,9 @@ class LearnerConfig(_Section):
         "completions get more credit for their opening choice than long ones: at 0.95 PPO learned to stop thinking."))
     critic_lr: float = Field(1e-4, gt=0, le=1, description="ppo: AdamW learning rate of the critic (a copy of the policy's body with a scalar head).")
     value_clip: float | None = Field(0.2, gt=0, le=100, description="ppo: clip range of the value loss around the old values; null disables.")
-    critic_warmup_steps: int = Field(0, ge=0, le=1_000_000, description="ppo: steps at the start in which only the critic learns.")
+    critic_warmup_steps: int = Field(0, ge=0, le=1_000_000, description=(
+        "ppo: steps at the start in which only the critic learns; the policy's warmup starts after them and its "
+        "lr_schedule still ends at run.steps."))
     grad_clip: float = Field(1.0, ge=0, le=1e6, description="Global gradient-norm clip; 0 disables.")
     ppo_epochs: int = Field(1, ge=1, le=100, description="Passes over each batch; later passes are off-policy and the clip bounds them.")
     minibatches: int = Field(1, ge=1, le=4096, description="Optimizer steps per pass; each takes prompts_per_step / minibatches whole groups.")

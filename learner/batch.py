@@ -167,9 +167,9 @@ def shared_prompt_layout(batch: dict[str, torch.Tensor], rows: slice, min_width:
             segment[b, at : at + c] = s
             predictor[row, :c] = b * width + np.concatenate(([p - 1], np.arange(at, at + c - 1)))
             at += c
-    seg = torch.from_numpy(segment)
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    device = batch["input_ids"].device  # the (B, T, T) mask is built where attention runs, not moved there
+    seg = torch.from_numpy(segment).to(device)
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
     allowed = causal & ((seg.unsqueeze(1) == 0) | (seg.unsqueeze(1) == seg.unsqueeze(2)))  # (B, query, key)
-    device = batch["input_ids"].device
     return {"input_ids": torch.from_numpy(ids).to(device), "position_ids": torch.from_numpy(pos).to(device),
-            "attention_mask": allowed.unsqueeze(1).to(device), "predictor": torch.from_numpy(predictor).to(device)}
+            "attention_mask": allowed.unsqueeze(1), "predictor": torch.from_numpy(predictor).to(device)}

@@ -117,11 +117,20 @@ def lr_factor(version: int, warmup: int, schedule: str, total: int, min_ratio: f
     return min_ratio + (1.0 - min_ratio) * shape
 
 
+def schedule_factor(cfg: ExperimentConfig, warmup: int, schedule: str, start: int = 0):
+    """The scheduler's multiplier by optimizer step. It counts the engine's optimizer steps, of which each learner
+    step takes ppo_epochs x minibatches, and maps them to learner steps, so warmup and decay are in learner steps
+    whatever the minibatching. An engine that first steps at learner step `start` (the policy after PPO's
+    critic_warmup_steps) warms up over its own first steps and still ends its decay at run.steps."""
+    per_version = cfg.learner.ppo_epochs * cfg.learner.minibatches
+    total = max(cfg.run.steps - start, 1)
+    return lambda s: lr_factor(s // per_version, warmup, schedule, total, cfg.learner.min_lr_ratio)
+
+
 def build_engine(cfg: ExperimentConfig, model, lr: float, warmup: int, micro: int, world_size: int, on_norm,
-                 schedule: str = "constant"):
-    """A DeepSpeed engine around `model` with AdamW, linear warmup and `schedule` after it (learner.lr_schedule).
-    The scheduler counts optimizer steps, of which each learner step takes ppo_epochs x minibatches, and maps them
-    to learner steps, so warmup and decay are in learner steps whatever the minibatching. At ZeRO 0,
+                 schedule: str = "constant", start: int = 0):
+    """A DeepSpeed engine around `model` with AdamW, linear warmup and `schedule` after it (learner.lr_schedule,
+    in learner steps: `schedule_factor`). At ZeRO 0,
     `on_norm(norm)` gets the clipped gradient norm of each step (computed inside engine.step(), after the
     gradients are averaged over ranks)."""
     import deepspeed
@@ -133,9 +142,7 @@ def build_engine(cfg: ExperimentConfig, model, lr: float, warmup: int, micro: in
             params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
             on_norm(float(torch.nn.utils.clip_grad_norm_(params, lc.grad_clip or float("inf"))))
         optim.register_step_pre_hook(clip)
-    per_version = lc.ppo_epochs * lc.minibatches
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: lr_factor(
-        s // per_version, warmup, schedule, cfg.run.steps, lc.min_lr_ratio))
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, schedule_factor(cfg, warmup, schedule, start))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optim, lr_scheduler=sched, config=ds_config(cfg, micro, world_size))
     return engine
 

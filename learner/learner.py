@@ -47,7 +47,8 @@ class Learner:
             self.reference = frozen_reference(cfg, model_path, micro, world_size, self.device)
         self.norms: dict[str, float] = {}
         self.engine = build_engine(cfg, model, cfg.learner.lr, cfg.learner.warmup_steps, micro, world_size,
-                                   lambda norm: self.norms.__setitem__("grad_norm", norm), cfg.learner.lr_schedule)
+                                   lambda norm: self.norms.__setitem__("grad_norm", norm), cfg.learner.lr_schedule,
+                                   start=cfg.learner.critic_warmup_steps if cfg.learner.algorithm == "ppo" else 0)
         self.critic = None
         if cfg.learner.algorithm == "ppo":
             self.critic = build_engine(cfg, Critic(model_path, torch.float32), cfg.learner.critic_lr, 0, micro, world_size,

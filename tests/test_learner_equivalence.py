@@ -163,3 +163,17 @@ def test_lr_schedule_factors():
     assert linear == pytest.approx([1.0, 0.775, 0.55, 0.325, 0.1, 0.1])
     cosine = [lr_factor(v, 2, "cosine", 6, 0.0) for v in range(7)]
     assert cosine == pytest.approx([0.5, 1.0, 1.0, 0.5 * (1 + 2 ** -0.5), 0.5, 0.5 * (1 - 2 ** -0.5), 0.0])
+
+
+def test_policy_schedule_after_critic_warmup(cache_dir):
+    """PPO's policy first steps after critic_warmup_steps: its warmup covers its own first steps and its decay still
+    ends at run.steps (it used to count from its first step and end critic_warmup_steps late). Two minibatches: the
+    scheduler's optimizer steps map to learner steps."""
+    from scratchpad.learner.engine import schedule_factor
+
+    cfg = small_config(cache_dir, "learner.algorithm=ppo", "learner.critic_warmup_steps=2", "learner.minibatches=2",
+                       "learner.lr_schedule=linear", "learner.min_lr_ratio=0.25", "run.steps=6")
+    policy = schedule_factor(cfg, 1, "linear", start=cfg.learner.critic_warmup_steps)
+    # policy learner steps 0..3 are learner steps 2..5: warmup 1, then linear over the 3 steps left to run.steps
+    assert [policy(s) for s in range(8)] == pytest.approx([1.0, 1.0, 1.0, 1.0, 0.75, 0.75, 0.5, 0.5])
+    assert schedule_factor(cfg, 0, "linear")(8) == pytest.approx(1 - 4 / 6 * 0.75)  # an engine stepping from step 0
