@@ -4,9 +4,9 @@ and pushes its groups to Redis. The one loop of cluster/train.py drives it in bo
 The bound is `learner.max_staleness` k: at most prompts_per_step x rollout.oversample x (k + 1) groups may be issued
 and not yet trained or dropped (a refill may issue past it). With k = 0 that is one batch, issued after the weights
 of the last step were sent, so every group is sampled by the weights it is trained against (the synchronous loop).
-With k > 0 the rollout actors sample the next
-batches with the weights they hold while the learner trains; new weights are queued on each rollout actor behind its
-current generate call (Ray runs an actor's calls in order), so they load between generate calls, in place.
+With k > 0 the rollout actors sample the next batches with the weights they hold while the learner trains; new
+weights are queued on each rollout actor behind its current generate call (Ray runs an actor's calls in order), so
+they load between generate calls, in place.
 Every wait has a timeout: a stage that makes no progress for `run.stall_timeout_s` is named, with its actor.
 """
 from __future__ import annotations

@@ -78,9 +78,9 @@ def test_train_end_to_end(ray_cluster, tiny_model, cache_dir, tmp_path, capsys):
 
 def test_dynamic_sampling_trains_only_groups_with_a_signal(ray_cluster, tiny_model, cache_dir, tmp_path):
     """learner.filter_groups in the synchronous loop: groups whose rewards are all equal are dropped and counted,
-    each step samples prompts_per_step x oversample prompts and refills whole chunks until the batch is full, every
-    trained group carries a reward spread, the books balance, and share_prompts trains through the whole pipeline
-    with the sampler's log p."""
+    each step samples prompts_per_step x oversample prompts and refills the missing prompts until the batch is full,
+    every trained group carries a reward spread, the books balance, and share_prompts trains through the whole
+    pipeline with the sampler's log p."""
     from scratchpad.cluster.train import train
 
     cfg = small_config(cache_dir, "run.steps=3", "run.eval_every=0", "learner.filter_groups=true", "learner.share_prompts=true",
