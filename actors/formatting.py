@@ -145,15 +145,20 @@ def plain_prompt(question: str) -> str:
     return question + "\n"
 
 
-def chat_prompt(tokenizer, question: str, mode: str, system: str | None = None, shots: list[tuple[str, str]] = ()) -> str:
-    """Prompt for an instruct model: its chat template around the instruction (null: the tags one for `mode`; empty: no
-    system turn), the worked examples as user/assistant turns, and the question."""
+def chat_messages(question: str, mode: str, system: str | None = None, shots: list[tuple[str, str]] = ()) -> list[dict]:
+    """The conversation an instruct model is asked: the instruction as a system turn (null: the tags one for `mode`;
+    empty: no system turn), the worked examples as user/assistant turns, and the question."""
     system = INSTRUCTIONS[("tags", mode)] if system is None else system
     messages = [{"role": "system", "content": system}] if system else []
     for question_k, completion_k in shots:
         messages += [{"role": "user", "content": question_k}, {"role": "assistant", "content": completion_k}]
     messages.append({"role": "user", "content": question})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return messages
+
+
+def chat_prompt(tokenizer, question: str, mode: str, system: str | None = None, shots: list[tuple[str, str]] = ()) -> str:
+    """Prompt for an instruct model: its chat template around `chat_messages`, ready for the assistant's turn."""
+    return tokenizer.apply_chat_template(chat_messages(question, mode, system, shots), tokenize=False, add_generation_prompt=True)
 
 
 def worked_examples(task: TaskConfig, count: int, seed: int, min_len: int, max_len: int) -> list[tuple[str, str | None, str]]:
@@ -198,6 +203,10 @@ class PromptFormat:
             return chat_prompt(self.tokenizer, question, self.task.mode, self.system, self.shots)
         head = f"{self.system}\n" if self.system else ""
         return head + "".join(f"{plain_prompt(q)}{c}\n" for q, c in self.shots) + plain_prompt(question)
+
+    def messages(self, question: str) -> list[dict]:
+        """The conversation `render` templates (chat models only): for trainers that apply the template themselves."""
+        return chat_messages(question, self.task.mode, self.system, self.shots)
 
     def parse(self, completion: str) -> Parsed:
         return parse_completion(completion, self.task.answer_format, self.task.answer_regex)

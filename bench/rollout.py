@@ -108,12 +108,14 @@ def start_sides(cfg, path: str):
 
 
 def texts_for(cfg, tok, prompts: list) -> tuple[list[str], bool]:
-    """The prompt strings our worker builds (plain, or the chat template), and whether vLLM's own tokenisation of
-    them gives the ids ours gives (so both sides sample from the same prompts)."""
-    from scratchpad.actors.formatting import chat_prompt, plain_prompt
+    """The prompt strings our worker builds (the task's prompt format: plain, or the chat template with its
+    instruction and shots), and whether vLLM's own tokenisation of them gives the ids ours gives (so both sides
+    sample from the same prompts)."""
+    from scratchpad.actors.formatting import PromptFormat
 
-    chat = getattr(tok, "chat_template", None) is not None
-    texts = [chat_prompt(tok, p.text, cfg.task.mode) if chat else plain_prompt(p.text) for p in prompts]
+    fmt = PromptFormat(cfg.task, tok)
+    chat = fmt.chat
+    texts = [fmt.render(p.text) for p in prompts]
     ours = [tok(t, add_special_tokens=not chat)["input_ids"] for t in texts]
     theirs = [tok(t)["input_ids"] for t in texts]  # vLLM tokenises text prompts with add_special_tokens=True
     return texts, ours == theirs

@@ -1,13 +1,20 @@
-"""Scratchpad against TRL's GRPOTrainer on the quickstart task, one after the other: time to a held-out target.
+"""Scratchpad against TRL's GRPOTrainer, one after the other: time to a held-out target.
 
     python bench/vs_trl.py --steps 200 [--out runs/bench-vs-trl] [--trl-first]
                            [--scratchpad-overrides learner.max_staleness=1 run.eval_actor=true ...]
+    python bench/vs_trl.py --config configs/smollm2_array.yaml --steps 70 --eval-every 10 \
+                           --scratchpad-overrides learner.filter_groups=false
 
-Both sides start from the same warm-started tiny model (`scratchpad make-model CONFIG`), train on the same prompts in
-the same order (actors/tasks.py train_stream; TRL's shuffling is off), with the same reward (exact answer, only
-whitespace after `</answer>`: actors/formatting.parse_completion + rewards/checkers.exact), batch (prompts_per_step x
-n, micro-batches of learner.micro_batch_size), max new tokens, temperature, lr (constant), clip, grad clip, Adam
-settings, token-mean loss (TRL's `dapo`), KL coefficient and steps, all read from one resolved scratchpad config.
+Both sides start from the same model (`scratchpad make-model CONFIG`: the quickstart's warm-started tiny model, or a
+preset with its cold start), train on the same prompts in the same order (actors/tasks.py train_stream; TRL's
+shuffling is off), put them in the same prompt format (actors/formatting.PromptFormat: the chat template with the
+config's instruction and shots; TRL is given the conversation and applies the template itself), with the same reward
+(the exact answer extracted by task.answer_format, with only the format's trailer after it: PromptFormat.parse +
+rewards/checkers.exact), batch (prompts_per_step x n, micro-batches of learner.micro_batch_size), max new tokens,
+temperature, lr and its schedule (constant, linear to 0, or cosine to min_lr_ratio), clip, grad clip, Adam settings,
+token-mean loss (TRL's `dapo`), KL coefficient (k3 in the loss, as TRL's beta) and steps, all read from one resolved
+scratchpad config. What TRL has no counterpart for is refused: learner.filter_groups (dynamic sampling), an entropy
+bonus, a KL in the reward or by another estimator.
 Both evaluate greedily on the same held-out prompts (eval_set) before training and every --eval-every steps.
 Scratchpad runs as `scratchpad train` (synchronous, run.eval_actor=false so evaluation blocks and can be subtracted
 exactly from its evals.jsonl: eval_started_wall..wall); TRL runs in a child process with HF generate (its CPU path),
@@ -32,18 +39,36 @@ LOSS = {"token_mean": "dapo", "seq_mean": "grpo", "seq_sum": "dr_grpo"}  # scrat
 
 
 def shared_overrides(args) -> list[str]:
-    """The settings both sides share, as scratchpad overrides; --scratchpad-overrides come after and win."""
+    """The run settings both sides share, as scratchpad overrides (the batch, sampling and lr are the config's; the
+    quickstart's are the issue's: 16 prompts x 8, 96 new tokens, T = 1, lr 1e-4); --scratchpad-overrides come after
+    and win."""
     return [f"run.steps={args.steps}", f"run.eval_every={args.eval_every}", "run.eval_actor=false",
-            f"run.threads_per_actor={args.threads}", "rollout.prompts_per_step=16", "rollout.n=8", "rollout.max_new_tokens=96",
-            "rollout.temperature=1.0", "learner.lr=1e-4", *args.scratchpad_overrides]
+            f"run.threads_per_actor={args.threads}", *args.scratchpad_overrides]
+
+
+def mappable(cfg) -> str | None:
+    """Why this config cannot be run the same way by TRL's GRPOTrainer (None: it can)."""
+    lc = cfg.learner
+    if lc.algorithm != "grpo" or lc.ppo_epochs != 1 or lc.minibatches != 1:
+        return "the comparison maps only grpo with one pass and one minibatch onto TRL"
+    if lc.filter_groups:
+        return "learner.filter_groups is true and TRL's GRPOTrainer has no dynamic sampling; add learner.filter_groups=false to --scratchpad-overrides"
+    if lc.entropy_coef:
+        return f"learner.entropy_coef is {lc.entropy_coef} and TRL's GRPOTrainer has no entropy bonus"
+    if lc.kl_coef and (lc.kl_mode != "loss" or lc.kl_estimator != "k3"):
+        return f"TRL's beta is the k3 KL in the loss; learner.kl_mode is {lc.kl_mode} and learner.kl_estimator {lc.kl_estimator}"
+    if lc.lr_schedule == "linear" and lc.min_lr_ratio:
+        return f"TRL's linear schedule decays to 0; learner.min_lr_ratio is {lc.min_lr_ratio}"
+    return None
 
 
 def resolve(args):
     from scratchpad.common.config import load_config
 
     cfg = load_config(args.config, shared_overrides(args))
-    if cfg.learner.algorithm != "grpo" or cfg.learner.ppo_epochs != 1 or cfg.learner.minibatches != 1:
-        raise SystemExit("bench/vs_trl.py: error: the comparison maps only grpo with one pass and one minibatch onto TRL")
+    why = mappable(cfg)
+    if why:
+        raise SystemExit(f"bench/vs_trl.py: error: {why}")
     if cfg.model.path:
         return cfg, cfg.model.path
     done = subprocess.run(["scratchpad", "make-model", args.config, *shared_overrides(args)], capture_output=True, text=True, check=True)
@@ -92,43 +117,41 @@ def scratchpad_curve(run_dir: Path, launched: float, command_s: float) -> dict:
 
 # ---- TRL's side: GRPOTrainer in a child process (--trl-side), greedy evaluation in a callback --------------------
 
-def prompt_of(tokenizer, text: str, mode: str):
-    """What TRL is given for one question: the plain prompt, or chat messages its template renders as ours does."""
-    from scratchpad.actors.formatting import INSTRUCTIONS, plain_prompt
-
-    if getattr(tokenizer, "chat_template", None) is None:
-        return plain_prompt(text)
-    return [{"role": "system", "content": INSTRUCTIONS[mode]}, {"role": "user", "content": text}]
+def prompt_of(fmt, text: str):
+    """What TRL is given for one question: the plain prompt, or the conversation its chat template renders exactly as
+    our rollout workers render it (PromptFormat.render)."""
+    return fmt.messages(text) if fmt.chat else fmt.render(text)
 
 
-def reward(completions, answer, **_) -> list[float]:
-    """1 for the exact answer with only whitespace after </answer> (scratchpad's correct component), else 0."""
-    from scratchpad.actors.formatting import parse_completion
+def reward_of(fmt):
+    """TRL's reward function: 1 for the exact answer, extracted by the task's answer format with nothing but the
+    format's trailer after it (scratchpad's correct component), else 0."""
     from scratchpad.rewards.checkers import exact
 
-    scores = []
-    for completion, reference in zip(completions, answer):
-        text = completion if isinstance(completion, str) else completion[-1]["content"]
-        _, parsed, closed = parse_completion(text)
-        scores.append(float(parsed is not None and closed and exact(parsed, reference)))
-    return scores
+    def correct(completions, answer, **_) -> list[float]:
+        scores = []
+        for completion, reference in zip(completions, answer):
+            text = completion if isinstance(completion, str) else completion[-1]["content"]
+            parsed = fmt.parse(text)
+            scores.append(float(parsed.answer is not None and parsed.closed and exact(parsed.answer, reference)))
+        return scores
+
+    return correct
 
 
-def greedy_accuracy(model, tokenizer, prompts: list, mode: str, max_new_tokens: int) -> float:
+def greedy_accuracy(model, tokenizer, fmt, prompts: list, max_new_tokens: int) -> float:
     """Held-out accuracy with HF greedy generate (left-padded, one batch), scored like the reward."""
     import torch
 
-    texts = [p if isinstance(p, str) else tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-             for p in (prompt_of(tokenizer, q.text, mode) for q in prompts)]
-    chat = getattr(tokenizer, "chat_template", None) is not None
-    batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=not chat)
+    texts = [fmt.render(q.text) for q in prompts]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=not fmt.chat)
     was_training = model.training
     model.eval()
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     model.train(was_training)
     completions = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-    return sum(reward(completions, [q.answer for q in prompts])) / len(prompts)
+    return sum(reward_of(fmt)(completions, [q.answer for q in prompts])) / len(prompts)
 
 
 def trl_args(cfg, out: Path):
@@ -139,10 +162,15 @@ def trl_args(cfg, out: Path):
     micro = min(lr.micro_batch_size, batch)
     if batch % micro:
         raise SystemExit(f"bench/vs_trl.py: error: batch {batch} is not a multiple of learner.micro_batch_size {micro}")
+    # transformers' cosine_with_min_lr is learner/engine.lr_factor's cosine (to min_lr_ratio at run.steps); its
+    # warmup starts at 0 where ours starts at 1/warmup_steps
+    schedule, schedule_kwargs = {"constant": ("constant_with_warmup", {}), "linear": ("linear", {}),
+                                 "cosine": ("cosine_with_min_lr", {"min_lr_rate": lr.min_lr_ratio})}[lr.lr_schedule]
     return GRPOConfig(
         output_dir=str(out), max_steps=cfg.run.steps, per_device_train_batch_size=micro, gradient_accumulation_steps=batch // micro,
         num_generations=r.n, max_completion_length=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=0,
-        learning_rate=lr.lr, lr_scheduler_type="constant_with_warmup", warmup_steps=lr.warmup_steps, weight_decay=lr.weight_decay,
+        learning_rate=lr.lr, lr_scheduler_type=schedule, lr_scheduler_kwargs=schedule_kwargs, warmup_steps=lr.warmup_steps,
+        weight_decay=lr.weight_decay,
         adam_epsilon=lr.adam_eps, adam_beta2=lr.adam_beta2, max_grad_norm=lr.grad_clip or 1e9, epsilon=lr.clip_low,
         epsilon_high=lr.clip_high, beta=lr.kl_coef, loss_type=LOSS[lr.loss_aggregation], scale_rewards="group",
         num_iterations=1, shuffle_dataset=False, seed=lr.seed, use_cpu=True, bf16=False, fp16=False,
@@ -161,22 +189,23 @@ def trl_side(args) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOTrainer
 
+    from scratchpad.actors.formatting import PromptFormat
     from scratchpad.actors.tasks import eval_set, train_stream
-
     from scratchpad.common.config import load_config
 
     cfg, path = load_config(args.config, shared_overrides(args)), args.model_path
     out = Path(args.out) / "trl"
     tokenizer = AutoTokenizer.from_pretrained(path)
+    fmt = PromptFormat(cfg.task, tokenizer)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     stream, held_out = train_stream(cfg.task), eval_set(cfg.task)
     rows = [next(stream) for _ in range(cfg.run.steps * cfg.rollout.prompts_per_step)]
-    data = Dataset.from_list([{"prompt": prompt_of(tokenizer, p.text, cfg.task.mode), "answer": p.answer} for p in rows])
+    data = Dataset.from_list([{"prompt": prompt_of(fmt, p.text), "answer": p.answer} for p in rows])
     clock = {"evals": [], "eval_s": 0.0}
 
     def evaluate(step: int) -> None:
         began = time.time()
-        accuracy = greedy_accuracy(model, tokenizer, held_out, cfg.task.mode, cfg.rollout.max_new_tokens)
+        accuracy = greedy_accuracy(model, tokenizer, fmt, held_out, cfg.rollout.max_new_tokens)
         took = time.time() - began
         train_wall = 0.0 if step == 0 else began - clock["first"] - clock["eval_s"]
         clock["eval_s"] += took if step else 0.0
@@ -194,7 +223,7 @@ def trl_side(args) -> None:
             if state.global_step % args.eval_every == 0 or state.global_step == cfg.run.steps:
                 evaluate(state.global_step)
 
-    trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=trl_args(cfg, out), train_dataset=data,
+    trainer = GRPOTrainer(model=model, reward_funcs=[reward_of(fmt)], args=trl_args(cfg, out), train_dataset=data,
                           processing_class=tokenizer, callbacks=[Timed()])
     trainer.train()
     total = clock["last"] - clock["first"] - sum(e["eval_s"] for e in clock["evals"][1:-1])

@@ -27,10 +27,10 @@ def forward(learner, model, batch: dict, rows: slice, entropy: bool = False):
     temperature = learner.cfg.rollout.temperature or 1.0
     packed = None
     if lc.share_prompts:  # the reference, proximal and training passes share the micro-batches: pack each once a step
-        key = f"packed:{rows.start}:{rows.stop}"
-        if key not in batch:
-            batch[key] = shared_prompt_layout(batch, rows)
-        packed = batch[key]
+        layouts = batch.setdefault("packed", {})  # (start, stop) of a micro-batch's rows -> its layout; dies with the batch
+        if (rows.start, rows.stop) not in layouts:
+            layouts[rows.start, rows.stop] = shared_prompt_layout(batch, rows)
+        packed = layouts[rows.start, rows.stop]
     return completion_logprobs(module, batch["input_ids"][rows, :width], batch["attention"][rows, :width], positions(batch, rows, width),
                                batch["targets"][rows], batch["mask"][rows], lc.logprob_chunk_tokens, entropy, lc.entropy_coef > 0,
                                temperature, packed)

@@ -113,6 +113,10 @@ def test_chat_model_gets_instruction_shots_as_turns_and_its_end_of_turn():
     assert tokenizer.convert_ids_to_tokens(fmt.end_of_turn()) == "<|im_end|>"
     bare = PromptFormat(task.model_copy(update={"system_prompt": "", "shots": 0}), tokenizer).render("q")
     assert bare == "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"
+    # a trainer that applies the template itself (TRL in bench/vs_trl.py) is given the conversation render templates
+    messages = fmt.messages("A=[4,5] i=1")
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == text
     assert PromptFormat(task, _tokenizer(chat=False)).end_of_turn() == tokenizer.eos_token_id
 
 
