@@ -156,11 +156,6 @@ def chat_messages(question: str, mode: str, system: str | None = None, shots: li
     return messages
 
 
-def chat_prompt(tokenizer, question: str, mode: str, system: str | None = None, shots: list[tuple[str, str]] = ()) -> str:
-    """Prompt for an instruct model: its chat template around `chat_messages`, ready for the assistant's turn."""
-    return tokenizer.apply_chat_template(chat_messages(question, mode, system, shots), tokenize=False, add_generation_prompt=True)
-
-
 def worked_examples(task: TaskConfig, count: int, seed: int, min_len: int, max_len: int) -> list[tuple[str, str | None, str]]:
     """`count` (question, thought, answer) examples no held-out question is among: the synthetic generator's worked
     scratchpads, or (jsonl, thought None) rows of the train file. A stream of its own, seeded by `seed`."""
@@ -200,7 +195,7 @@ class PromptFormat:
     def render(self, question: str) -> str:
         """The prompt text the model is conditioned on (tokenise it with add_special_tokens = not self.chat)."""
         if self.chat:
-            return chat_prompt(self.tokenizer, question, self.task.mode, self.system, self.shots)
+            return self.tokenizer.apply_chat_template(self.messages(question), tokenize=False, add_generation_prompt=True)
         head = f"{self.system}\n" if self.system else ""
         return head + "".join(f"{plain_prompt(q)}{c}\n" for q, c in self.shots) + plain_prompt(question)
 
