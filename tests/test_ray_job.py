@@ -82,7 +82,10 @@ def ray_head():
         except subprocess.TimeoutExpired:
             pass
         for proc in _session_processes(head.pid):
-            proc.kill()
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:  # it exited between the listing and the kill (the SIGTERM above reached it)
+                pass
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
 
