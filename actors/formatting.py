@@ -145,17 +145,6 @@ def plain_prompt(question: str) -> str:
     return question + "\n"
 
 
-def chat_messages(question: str, mode: str, system: str | None = None, shots: list[tuple[str, str]] = ()) -> list[dict]:
-    """The conversation an instruct model is asked: the instruction as a system turn (null: the tags one for `mode`;
-    empty: no system turn), the worked examples as user/assistant turns, and the question."""
-    system = INSTRUCTIONS[("tags", mode)] if system is None else system
-    messages = [{"role": "system", "content": system}] if system else []
-    for question_k, completion_k in shots:
-        messages += [{"role": "user", "content": question_k}, {"role": "assistant", "content": completion_k}]
-    messages.append({"role": "user", "content": question})
-    return messages
-
-
 def worked_examples(task: TaskConfig, count: int, seed: int, min_len: int, max_len: int) -> list[tuple[str, str | None, str]]:
     """`count` (question, thought, answer) examples no held-out question is among: the synthetic generator's worked
     scratchpads, or (jsonl, thought None) rows of the train file. A stream of its own, seeded by `seed`."""
@@ -200,8 +189,13 @@ class PromptFormat:
         return head + "".join(f"{plain_prompt(q)}{c}\n" for q, c in self.shots) + plain_prompt(question)
 
     def messages(self, question: str) -> list[dict]:
-        """The conversation `render` templates (chat models only): for trainers that apply the template themselves."""
-        return chat_messages(question, self.task.mode, self.system, self.shots)
+        """The conversation `render` templates (chat models only), for trainers that apply the template themselves:
+        the instruction as a system turn (none when it is empty), the worked examples as user/assistant turns, and
+        the question."""
+        messages = [{"role": "system", "content": self.system}] if self.system else []
+        for question_k, completion_k in self.shots:
+            messages += [{"role": "user", "content": question_k}, {"role": "assistant", "content": completion_k}]
+        return messages + [{"role": "user", "content": question}]
 
     def parse(self, completion: str) -> Parsed:
         return parse_completion(completion, self.task.answer_format, self.task.answer_regex)
