@@ -57,12 +57,13 @@ def worked_thought(task: str, question: str) -> str:
     raise ValueError(f"no worked scratchpad for task {task!r}")
 
 
-def _synthetic(cfg: TaskConfig, seed: int, prefix: str) -> Iterator[Prompt]:
+def _synthetic(cfg: TaskConfig, seed: int, prefix: str, lengths: tuple[int, int] | None = None) -> Iterator[Prompt]:
     rng = random.Random(seed)
     make = GENERATORS[cfg.name]
+    low, high = lengths or (cfg.min_len, cfg.max_len)
     index = 0
     while True:
-        question, answer, meta = make(rng, cfg.min_len, cfg.max_len)
+        question, answer, meta = make(rng, low, high)
         yield Prompt(prompt_id=f"{prefix}-{seed}-{index}", text=question, answer=answer, meta=meta)
         index += 1
 
@@ -85,9 +86,11 @@ def read_jsonl(path: str | Path, max_bad_rows: float = 0.0) -> list[Prompt]:
 
 def train_stream(cfg: TaskConfig, keep: Keep | None = None) -> Iterator[Prompt]:
     """Endless training prompts: fresh synthetic ones, or a JSONL file shuffled each epoch; with `keep`, only the
-    prompts it accepts (the others are skipped, and preflight has counted them)."""
+    prompts it accepts (the others are skipped, and preflight has counted them). Synthetic prompts span
+    train_min_len..train_max_len (default: the held-out set's min_len..max_len)."""
     if cfg.name != "jsonl":
-        yield from (p for p in _synthetic(cfg, cfg.seed, "train") if keep is None or keep(p))
+        lengths = (cfg.train_min_len or cfg.min_len, cfg.train_max_len or cfg.max_len)
+        yield from (p for p in _synthetic(cfg, cfg.seed, "train", lengths) if keep is None or keep(p))
         return
     rows = [p for p in read_jsonl(cfg.train_path, cfg.max_bad_rows) if keep is None or keep(p)]
     rng = random.Random(cfg.seed)

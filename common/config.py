@@ -63,6 +63,10 @@ class TaskConfig(_Section):
     mode: Literal["cot", "direct"] = Field("cot", description="cot lets the model write a <think> scratchpad before <answer>; direct asks for the answer at once.")
     min_len: int = Field(3, ge=1, le=64, description="Shortest array (array_access) or operand length in digits (addition).")
     max_len: int = Field(10, ge=1, le=64, description="Longest array (array_access) or operand length in digits (addition).")
+    train_min_len: int | None = Field(None, ge=1, le=64, description=(
+        "Shortest array / operand of the RL training prompts; null = min_len. The held-out set always spans min_len..max_len, "
+        "so a narrower training range (a curriculum on the lengths the model gets wrong) is measured on every length."))
+    train_max_len: int | None = Field(None, ge=1, le=64, description="Longest array / operand of the RL training prompts; null = max_len.")
     train_path: str | None = Field(None, description="JSONL file with one {prompt, answer} object per line (task jsonl only).")
     eval_path: str | None = Field(None, description="JSONL file of held-out {prompt, answer} lines (task jsonl only).")
     eval_size: int = Field(200, ge=1, le=100000, description="Held-out prompts scored greedily before, during and after training.")
@@ -542,6 +546,9 @@ def _check_consistency(cfg: ExperimentConfig, source: str) -> None:
         raise ConfigError(f"{source}: model.tiny head size hidden_size/num_heads = {head_dim}; vLLM's CPU attention needs a multiple of 16, at least 32")
     if cfg.task.min_len > cfg.task.max_len:
         raise ConfigError(f"{source}: task.min_len ({cfg.task.min_len}) exceeds task.max_len ({cfg.task.max_len})")
+    low, high = cfg.task.train_min_len or cfg.task.min_len, cfg.task.train_max_len or cfg.task.max_len
+    if low > high:
+        raise ConfigError(f"{source}: task.train_min_len ({low}) exceeds task.train_max_len ({high})")
     if cfg.task.name == "jsonl" and not cfg.task.train_path:
         raise ConfigError(f"{source}: task.train_path is required when task.name is jsonl")
     if cfg.task.name != "jsonl" and (cfg.task.train_path or cfg.task.eval_path):

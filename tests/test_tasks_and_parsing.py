@@ -6,7 +6,7 @@ import pytest
 
 from scratchpad.actors.formatting import parse_completion, target_completion
 from scratchpad.actors.tasks import array_access, eval_set, read_jsonl, train_stream, worked_thought
-from scratchpad.common.config import load_config
+from scratchpad.common.config import ConfigError, load_config
 
 
 def test_array_access_answer_is_the_indexed_element():
@@ -48,6 +48,16 @@ def test_eval_set_is_fixed_and_disjoint_from_training():
     stream = train_stream(cfg)
     train_ids = {next(stream).prompt_id for _ in range(50)}
     assert not train_ids & {p.prompt_id for p in first}
+
+
+def test_training_lengths_narrow_the_stream_not_the_held_out_set():
+    cfg = load_config(None, ["task.min_len=3", "task.max_len=12", "task.train_min_len=6", "task.eval_size=300"]).task
+    trained = {p.meta["length"] for p, _ in zip(train_stream(cfg), range(300))}
+    assert trained == set(range(6, 13))
+    assert {p.meta["length"] for p in eval_set(cfg)} == set(range(3, 13))
+    assert eval_set(cfg) == eval_set(load_config(None, ["task.min_len=3", "task.max_len=12", "task.eval_size=300"]).task)
+    with pytest.raises(ConfigError, match="task.train_min_len"):
+        load_config(None, ["task.train_min_len=9", "task.train_max_len=7"])
 
 
 def test_jsonl_loader(tmp_path):
