@@ -551,6 +551,8 @@ def _check_consistency(cfg: ExperimentConfig, source: str) -> None:
         raise ConfigError(f"{source}: task.train_min_len ({low}) exceeds task.train_max_len ({high})")
     if cfg.task.name == "jsonl" and not cfg.task.train_path:
         raise ConfigError(f"{source}: task.train_path is required when task.name is jsonl")
+    if cfg.task.name == "jsonl" and (cfg.task.train_min_len or cfg.task.train_max_len):
+        raise ConfigError(f"{source}: task.train_min_len/train_max_len are only read for a synthetic task (task.name is jsonl)")
     if cfg.task.name != "jsonl" and (cfg.task.train_path or cfg.task.eval_path):
         raise ConfigError(f"{source}: task.train_path/eval_path are only read when task.name is jsonl")
     if cfg.rollout.prompts_per_step % (cfg.learner.minibatches * cfg.learner.ranks):

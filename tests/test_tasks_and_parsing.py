@@ -58,6 +58,8 @@ def test_training_lengths_narrow_the_stream_not_the_held_out_set():
     assert eval_set(cfg) == eval_set(load_config(None, ["task.min_len=3", "task.max_len=12", "task.eval_size=300"]).task)
     with pytest.raises(ConfigError, match="task.train_min_len"):
         load_config(None, ["task.train_min_len=9", "task.train_max_len=7"])
+    with pytest.raises(ConfigError, match="only read for a synthetic task"):
+        load_config(None, ["task.name=jsonl", "task.train_path=x.jsonl", "task.train_min_len=6"])
 
 
 def test_jsonl_loader(tmp_path):
