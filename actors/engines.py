@@ -35,8 +35,8 @@ def _quiet_reload(tied: bool, engine_dtype: str) -> None:
     """vLLM's in-place reload warns "<Layer>: Failed to load weights" for every layer that no checkpoint tensor
     reaches, and puts that layer's tensors back as they were. Two are expected: the rotary layer (its cos/sin cache is
     a buffer no checkpoint holds) and, with tied embeddings, the output layer (its weight is the embedding's, which
-    `_retie_lm_head` hands back to it after the reload). It also warns for every float32 weight loaded into a
-    bfloat16 engine (rollout.dtype), the cast that setting asks for. Drop those lines; keep every other."""
+    `_retie_lm_head` hands back to it after the reload). Drop those lines, and the cast warnings (`_quiet_cast`); keep
+    every other."""
     import logging
 
     log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
@@ -53,6 +53,14 @@ def _quiet_reload(tied: bool, engine_dtype: str) -> None:
         log.addFilter(quiet)
     if tied:
         quiet.layers.add("ParallelLMHead")
+    _quiet_cast(engine_dtype)
+
+
+def _quiet_cast(engine_dtype: str) -> None:
+    """vLLM warns for every float32 checkpoint or learner tensor loaded into a lower-precision engine, at start and at
+    every reload: the cast rollout.dtype asks for. Drop those lines (once per process); keep every other."""
+    import logging
+
     loader = logging.getLogger("vllm.model_executor.models.utils")
     if engine_dtype != "float32" and not any(getattr(f, "scratchpad", False) for f in loader.filters):
         class Cast(logging.Filter):
@@ -106,6 +114,7 @@ class VLLMEngine:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(kv_cache_gib))))
         from vllm import LLM
 
+        _quiet_cast(dtype)
         self.llm = LLM(
             model=model_path,
             dtype=dtype,

@@ -89,8 +89,7 @@ def train_stream(cfg: TaskConfig, keep: Keep | None = None) -> Iterator[Prompt]:
     prompts it accepts (the others are skipped, and preflight has counted them). Synthetic prompts span
     train_min_len..train_max_len (default: the held-out set's min_len..max_len)."""
     if cfg.name != "jsonl":
-        lengths = (cfg.train_min_len or cfg.min_len, cfg.train_max_len or cfg.max_len)
-        yield from (p for p in _synthetic(cfg, cfg.seed, "train", lengths) if keep is None or keep(p))
+        yield from (p for p in _synthetic(cfg, cfg.seed, "train", cfg.train_lengths) if keep is None or keep(p))
         return
     rows = [p for p in read_jsonl(cfg.train_path, cfg.max_bad_rows) if keep is None or keep(p)]
     rng = random.Random(cfg.seed)

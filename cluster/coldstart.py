@@ -57,8 +57,7 @@ def demonstrations(cfg: ExperimentConfig, fmt: PromptFormat) -> Iterator[tuple[s
     rng = random.Random(cold.seed + COLDSTART_SEED_OFFSET)
     if cold.source == "task":
         count = cold.steps * cold.batch_size
-        for question, thought, answer in worked_examples(task, count, cold.seed + COLDSTART_SEED_OFFSET,
-                                                         cold.min_len or task.min_len, cold.max_len or task.max_len):
+        for question, thought, answer in worked_examples(task, count, cold.seed + COLDSTART_SEED_OFFSET, *cold.lengths(task)):
             yield question, fmt.target(thought, answer)
         return
     try:

@@ -86,6 +86,11 @@ class TaskConfig(_Section):
         "Worked examples before the question (user/assistant turns for chat models, prepended text for plain ones): the "
         "task's generator with its own seed, minus held-out questions; for jsonl, rows of the train file."))
 
+    @property
+    def train_lengths(self) -> tuple[int, int]:
+        """The lengths RL's training prompts span: train_min_len..train_max_len, each defaulting to the held-out set's."""
+        return self.train_min_len or self.min_len, self.train_max_len or self.max_len
+
 
 class RolloutConfig(_Section):
     """Rollout actors: engines that sample completions from the policy."""
@@ -434,6 +439,10 @@ class ColdStartConfig(_Section):
     threads: int = Field(2, ge=1, le=256, description="torch threads in the driver process while the cold start trains (restored afterwards).")
     seed: int = Field(0, ge=0, description="Seed of the example stream and order; the synthetic stream uses seed + 2000003, apart from train and held-out seeds.")
 
+    def lengths(self, task: TaskConfig) -> tuple[int, int]:
+        """The lengths the cold start's worked examples span: min_len..max_len, each defaulting to the task's."""
+        return self.min_len or task.min_len, self.max_len or task.max_len
+
 
 class ExperimentConfig(_Section):
     """A whole experiment: what `scratchpad train` reads."""
@@ -546,7 +555,7 @@ def _check_consistency(cfg: ExperimentConfig, source: str) -> None:
         raise ConfigError(f"{source}: model.tiny head size hidden_size/num_heads = {head_dim}; vLLM's CPU attention needs a multiple of 16, at least 32")
     if cfg.task.min_len > cfg.task.max_len:
         raise ConfigError(f"{source}: task.min_len ({cfg.task.min_len}) exceeds task.max_len ({cfg.task.max_len})")
-    low, high = cfg.task.train_min_len or cfg.task.min_len, cfg.task.train_max_len or cfg.task.max_len
+    low, high = cfg.task.train_lengths
     if low > high:
         raise ConfigError(f"{source}: task.train_min_len ({low}) exceeds task.train_max_len ({high})")
     if cfg.task.name == "jsonl" and not cfg.task.train_path:
@@ -644,7 +653,7 @@ def _check_prompt_format(cfg: ExperimentConfig, source: str) -> None:
         raise ConfigError(f"{source}: coldstart.path is only read when coldstart.source is jsonl")
     if cold.steps > 0 and cold.source == "task" and task.name == "jsonl":
         raise ConfigError(f"{source}: coldstart.source task needs a synthetic task (task.name is jsonl; use coldstart.source jsonl)")
-    low, high = cold.min_len or task.min_len, cold.max_len or task.max_len
+    low, high = cold.lengths(task)
     if low > high:
         raise ConfigError(f"{source}: coldstart.min_len ({low}) exceeds coldstart.max_len ({high})")
 

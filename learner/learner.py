@@ -32,7 +32,7 @@ class Learner:
         self.buffer = RedisBuffer(buffer)
         self.buffer.ensure_group()
         init_distributed(rank, world_size, master_addr, master_port, self.device)
-        # fp32 weights even for bf16 training: DeepSpeed casts the module and keeps these as the optimizer's masters.
+        # fp32 weights even for bf16 training: DeepSpeed casts the module, and build_engine starts its masters here.
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         model.config.use_cache = False
         if cfg.learner.gradient_checkpointing:

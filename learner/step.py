@@ -158,12 +158,12 @@ def optimizer_step(learner, batch: dict, rows_range: range, unit: int) -> dict[s
             vloss = aggregate(value_loss_per_token(values(learner.critic, batch, rows), batch["old_values"][rows], batch["returns"][rows],
                                                    lc.value_clip), batch["mask"][rows], "token_mean", norm)
             learner.critic.backward(vloss * scale)
-            sums["value_loss"] = sums.get("value_loss", 0.0) + float(vloss) * scale / learner.world_size
+            sums["value_loss"] = sums.get("value_loss", 0.0) + float(vloss.detach()) * scale / learner.world_size
         if not train_policy:
             continue
         loss, stats = _policy_terms(learner, batch, rows, norm)
         learner.engine.backward(loss * scale)
-        sums["loss"] = sums.get("loss", 0.0) + float(loss) * scale / learner.world_size
+        sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) * scale / learner.world_size
         for name, value in stats.items():
             sums[name] = sums.get(name, 0.0) + float(value) * share
     for engine, name, active in ((learner.engine, "grad_norm", train_policy), (learner.critic, "critic_grad_norm", True)):
