@@ -7,15 +7,17 @@ acknowledged.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from scratchpad.common.records import WeightBucket
-from scratchpad.learner.engine import barrier, gathered
+from scratchpad.learner.engine import barrier, fp32_masters, gathered
 
 
 def grouped(named: list[tuple[str, torch.Tensor]], bucket_bytes: int):
@@ -102,10 +104,19 @@ def broadcast_weights(learner) -> int:
 
 
 def save_pretrained(learner, directory: str) -> str:
-    """The HF model and tokenizer, written by rank 0; call it on every rank."""
+    """The HF model and tokenizer, written by rank 0; call it on every rank. bf16 training writes its float32
+    masters (the weights it trains), not the bf16 copy the forward runs on, so no precision is lost to the next run."""
+    masters = fp32_masters(learner.engine) if learner.cfg.model.dtype == "bfloat16" else None  # a collective at ZeRO-3
     with gathered(learner.engine.module):
         if learner.rank == 0:
-            learner.engine.module.save_pretrained(directory)
+            module = learner.engine.module
+            if masters is None:
+                module.save_pretrained(directory)
+            else:
+                module.save_pretrained(directory, state_dict={name: t.detach().cpu() for name, t in masters.items()})
+                # save_pretrained records the module's dtype (bf16); the tensors it wrote are float32
+                config = Path(directory) / "config.json"
+                config.write_text(json.dumps({**json.loads(config.read_text()), "dtype": "float32"}, indent=2) + "\n")
             learner.tokenizer.save_pretrained(directory)
     return directory
 

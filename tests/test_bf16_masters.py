@@ -1,4 +1,5 @@
-"""bf16 training keeps float32 masters, and they start at the checkpoint's float32 weights, not at its bf16 rounding.
+"""bf16 training keeps float32 masters: they start at the checkpoint's float32 weights, not at its bf16 rounding,
+and the final model is written from them.
 
 DeepSpeed casts the module to bf16 before its optimizer copies the masters, so without `seed_fp32_masters` every
 master would sit exactly on the bf16 grid: a step smaller than half a bf16 ulp then changes no weight the forward
@@ -17,6 +18,9 @@ def _remote_check(ray, cfg):
 
     def _masters_after(model_path: str, cfg, port: int) -> dict:
         """In a fresh Ray worker: build the bf16 policy engine, step once, and report what the test checks."""
+        import shutil
+        import tempfile
+
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -44,6 +48,19 @@ def _remote_check(ray, cfg):
         # the forward's weights are the masters rounded to bf16
         report["module_is_rounded_master"] = all(torch.equal(p.detach().cpu(), after[name].cpu().to(torch.bfloat16))
                                                 for name, p in engine.module.named_parameters())
+        # the final model holds the masters, in float32
+        from types import SimpleNamespace
+
+        from transformers import AutoTokenizer
+
+        from scratchpad.learner import publish
+
+        out = tempfile.mkdtemp()
+        publish.save_pretrained(SimpleNamespace(engine=engine, rank=0, cfg=cfg, tokenizer=AutoTokenizer.from_pretrained(model_path)), out)
+        saved = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+        report["saved_dtype"] = str(next(saved.parameters()).dtype)
+        report["saved_is_master"] = all(torch.equal(p.detach(), after[name].cpu()) for name, p in saved.named_parameters())
+        shutil.rmtree(out)
         return report
 
     # Defined here, not at module level: Ray pickles a local function by value, so workers need not import this file.
@@ -63,3 +80,4 @@ def test_bf16_masters_start_at_the_float32_checkpoint(ray_cluster, tiny_model, c
     assert report["start_equal"]
     assert 0 < report["moved"] < 1e-3  # one Adam step of lr 1e-4 (plus the scheduler's warmup, none here)
     assert report["module_is_rounded_master"]
+    assert report["saved_dtype"] == "torch.float32" and report["saved_is_master"]
