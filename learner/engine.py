@@ -153,7 +153,8 @@ def build_engine(cfg: ExperimentConfig, model, lr: float, warmup: int, micro: in
 
 def fp32_masters(engine) -> dict[str, torch.Tensor]:
     """The optimizer's float32 master of each parameter of a bf16 engine, by name: at ZeRO 0 the tensors the
-    optimizer steps (FP16_UnfusedOptimizer's fp32_groups), at ZeRO 1-3 a gathered copy of this rank's partition."""
+    optimizer steps (FP16_UnfusedOptimizer's fp32_groups); at ZeRO 1-3 a copy assembled from every rank's partition,
+    a collective every rank must enter."""
     opt = engine.optimizer
     if hasattr(opt, "fp16_groups") and hasattr(opt, "fp32_groups"):
         by_id = {id(low): high for lows, highs in zip(opt.fp16_groups, opt.fp32_groups) for low, high in zip(lows, highs)}

@@ -68,7 +68,7 @@ def _remote_check(ray, cfg):
     return ray.remote(num_cpus=1, max_calls=1)(_masters_after).options(runtime_env={"env_vars": actor_env(cfg)})
 
 
-@pytest.mark.parametrize("stage", [0, 2])
+@pytest.mark.parametrize("stage", [0, 2, 3])
 def test_bf16_masters_start_at_the_float32_checkpoint(ray_cluster, tiny_model, cache_dir, stage):
     ray = ray_cluster
     from scratchpad.common.buffer import free_port
